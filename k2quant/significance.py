@@ -236,10 +236,14 @@ def errors_from_table(rows: Sequence[Tuple[str, int, int]]) -> Dict[str, Tuple[i
 
 
 def load_errors(path) -> Dict[str, Tuple[int, int]]:
-    """Read a per-utterance error file written by ``k2quant.scoring.write_per_utt_errors``."""
+    """Read a per-utterance error file written by ``k2quant.scoring.write_per_utt_errors``.
+
+    Returns ``{utt_id: (num_errors, num_ref_words)}`` for :func:`mapsswe` and friends.
+    """
     from k2quant.scoring import read_per_utt_errors
 
-    return read_per_utt_errors(path)
+    result = read_per_utt_errors(path)
+    return {u: (e.errors, e.ref_len) for u, e in result.utts.items()}
 
 
 __all__ = [

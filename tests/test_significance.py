@@ -88,3 +88,13 @@ def test_bad_inputs():
         errors_from_table([("x", 1, 2), ("x", 0, 2)])
     with pytest.raises(ValueError, match="at least one utterance"):
         mapsswe({}, {})
+
+
+def test_load_errors_reads_scoring_output(tmp_path):
+    from k2quant.scoring import compute_wer, write_per_utt_errors
+    from k2quant.significance import load_errors
+
+    refs = {"u1": "A B C".split(), "u2": "D E".split()}
+    hyps = {"u1": "A X C D".split(), "u2": "D E".split()}
+    write_per_utt_errors(compute_wer(refs, hyps), tmp_path / "per_utt.tsv")
+    assert load_errors(tmp_path / "per_utt.tsv") == {"u1": (2, 3), "u2": (0, 2)}
