@@ -1,10 +1,10 @@
-import importlib.util
 """Lazy imports of optional dependencies with install hints.
 
 k2 exists in the package registry only as ``k2==1.23.4`` for Python 3.9 + torch 1.13.1, so
 k2-dependent code never imports it at module level; it calls :func:`import_k2` at entry.
 """
 import importlib
+import importlib.util
 from types import ModuleType
 
 _HINTS = {
