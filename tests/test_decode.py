@@ -288,6 +288,21 @@ def test_empty_lattice_gives_empty_hyp(lang_hlg):
     assert [words_of(lang, h) for h in one_best(lat)] == [[], ["B"]]
 
 
+def test_empty_lattice_save_load(lang_hlg, tmp_path):
+    """An empty lattice after a non-empty one in the batch is saved and read back empty."""
+    lang, HLG = lang_hlg
+    nnet, seqs = _batch(lang, [["B"]], offsets=[0])
+    segments = torch.tensor([[0, 0, len(seqs[0])], [0, 0, 1]], dtype=torch.int32)
+    lat = get_lattice(nnet, HLG, segments)
+    assert [words_of(lang, h) for h in one_best(lat)] == [["B"], []]
+    paths = save_lattices(lat, ["full", "empty"], tmp_path, words_txt=lang.lang_dir / "words.txt")
+    full, _ = load_lattice(paths[0])
+    empty, meta = load_lattice(paths[1])
+    assert meta["cut_id"] == "empty"
+    assert one_best(k2.create_fsa_vec([empty])) == [[]]
+    assert [words_of(lang, h) for h in one_best(k2.create_fsa_vec([full]))] == [["B"]]
+
+
 def test_get_lattice_errors(lang_hlg):
     lang, HLG = lang_hlg
     nnet = torch.zeros(1, 5, lang.num_pdfs).log_softmax(-1)

@@ -242,12 +242,15 @@ def save_lattices(
         from k2quant.decode.graph import file_sha256
 
         words_txt_sha256 = file_sha256(words_txt)
+    k2 = import_k2()
     out_dir = Path(out_dir)
     lattice = lattice.detach().to("cpu")
     paths = []
     for i, cut_id in enumerate(cut_ids):
         _check_cut_id(cut_id)
-        lat = lattice[i]
+        # (lattice[i] fails for an empty FSA of an FsaVec with ragged attributes; index_fsa
+        # handles every case)
+        lat = k2.index_fsa(lattice, torch.tensor([i], dtype=torch.int32))[0]
         score_attrs = ["scores"]
         if hasattr(lat, "lm_scores"):
             lat.am_scores = lat.scores - lat.lm_scores
@@ -270,6 +273,31 @@ def save_lattices(
     return paths
 
 
+def empty_fsa() -> Fsa:
+    """A single FSA with no states and no arcs (``k2.Fsa.from_dict`` cannot build one)."""
+    k2 = import_k2()
+    return k2.connect(k2.Fsa.from_str("0 1 1 0\n2"))
+
+
+def fsa_from_dict(d: Dict[str, Any]) -> Fsa:
+    """``k2.Fsa.from_dict``, also for empty lattices (whose ``as_dict()`` has 0 arcs)."""
+    k2 = import_k2()
+    arcs = d["arcs"]
+    if isinstance(arcs, torch.Tensor) and arcs.ndim == 2 and arcs.shape[0] == 0:
+        fsa = empty_fsa()
+        for name, value in d.items():
+            if name == "arcs":
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 0:
+                setattr(fsa, name, value)
+            elif isinstance(value, k2.RaggedTensor) and value.dim0 == 0:
+                setattr(fsa, name, value)
+        if not hasattr(fsa, "aux_labels"):
+            fsa.aux_labels = torch.zeros(0, dtype=torch.int32)
+        return fsa
+    return k2.Fsa.from_dict(d)
+
+
 def load_lattice(path: PathLike, *, words_txt_sha256: Optional[str] = None) -> Tuple[Fsa, dict]:
     """Read a file written by :func:`save_lattices`: ``(single k2.Fsa, metadata dict)``.
 
@@ -287,7 +315,7 @@ def load_lattice(path: PathLike, *, words_txt_sha256: Optional[str] = None) -> T
         raise ValueError(f"{path}: lattice word ids come from a words.txt with sha256 "
                          f"{stored}, but {words_txt_sha256} was expected; "
                          f"decode and rescore with the same lang dir")
-    return k2.Fsa.from_dict(d["lattice"]), meta
+    return fsa_from_dict(d["lattice"]), meta
 
 
 def load_lattices(paths: Sequence[PathLike], **kw) -> Tuple[Fsa, List[dict]]:
@@ -315,6 +343,7 @@ __all__ = [
     "ids_to_words",
     "save_lattices",
     "load_lattice",
+    "fsa_from_dict",
     "load_lattices",
     "lattice_path",
 ]
