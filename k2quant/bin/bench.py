@@ -1,0 +1,51 @@
+"""``k2quant bench``: fp32 vs integer-only TDNN-F speed, memory and size (random weights).
+
+Examples::
+
+    k2quant bench                                  # small preset, 1 and 2 threads
+    k2quant bench --preset small --preset kaldi_7q --json bench.json
+"""
+import json
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--preset", "presets", multiple=True, default=("small",), show_default=True,
+              type=click.Choice(["small", "kaldi_7q"]), help="TDNN-F preset (repeatable).")
+@click.option("--threads", default="1,2", show_default=True,
+              help="Comma-separated torch thread counts.")
+@click.option("--batch", default=8, show_default=True, help="Utterances per batch.")
+@click.option("--frames", default=300, show_default=True, help="Frames per utterance.")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs (median).")
+@click.option("--stream-frames", default=1500, show_default=True,
+              help="Frames of the single streamed utterance.")
+@click.option("--chunk", default=21, show_default=True, help="Output frames per chunk.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "int_mm", "fbgemm", "float64"]))
+@click.option("--no-compile", is_flag=True,
+              help="Skip the torch.compile-fused integer variant (torch >= 2 only).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results as JSON.")
+def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backend, no_compile,
+         json_out):
+    """Time fp32 vs integer-only forward (batch and chunked streaming) and report the speed
+    ratios, peak memory, and weight bytes in memory and on disk."""
+    from k2quant.infer.bench import format_result, run_benchmark
+    from k2quant.utils.io import atomic_write_json
+
+    try:
+        th = [int(t) for t in threads.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated ints, got {threads!r}",
+                                 param_hint="--threads")
+    if not th or min(th) < 1:
+        raise click.BadParameter("thread counts must be >= 1", param_hint="--threads")
+    results = []
+    for p in presets:
+        res = run_benchmark(p, th, batch, frames, repeats, stream_frames, chunk, backend,
+                            log=lambda s: click.echo(s, err=True), compile=not no_compile)
+        click.echo(format_result(res))
+        results.append(res)
+    if json_out:
+        atomic_write_json(json_out, results)

@@ -1,0 +1,988 @@
+"""Integer-only TDNN-F inference: int8 weights, 8-bit (or 4-bit) activations, int32
+accumulation, dyadic requantisation; only the output layer's dequantisation and the final
+log-softmax are float.
+
+Arithmetic (one definition, two implementations)
+------------------------------------------------
+Activations at every point of :func:`k2quant.infer.fold.activation_points` are unsigned codes
+``c in [0, 2**b - 1]`` of a per-tensor asymmetric grid: value ``S * (c - z)``. Weights are
+int8 ``W`` with a per-output-channel scale ``s_w`` (4-bit layers: codes expanded to int8 in
+[-8, 7]). A layer with kernel ``k`` and dilation ``d`` computes, per output channel j and
+frame t (taps stacked, ``K = k * C_in``)::
+
+    acc_j   = sum_{tap, i} W[j, i, tap] * (c_in[i, t + tap * d] - z_in)         exact integer
+    a_j     = acc_j + B_j                    B_j = round(bias_j / (S_in s_w_j))
+    a_j     = max(a_j, 0)                    (layers followed by ReLU)
+    num_j   = a_j * m_j + C_j [+ mx * (c_x[j] - z_x)]                 int64, exact
+    c_out_j = clamp(floor((num_j + 2**(e-1)) / 2**e) + z_out, 0, 2**b_out - 1)
+
+with ``m_j / 2**e ~ M_j = S_in s_w_j a_j / S_out`` (``a_j``: the BatchNorm scale after the
+ReLU; see :mod:`k2quant.infer.fold`), ``C_j = round(c_j / S_out * 2**e)`` (the BatchNorm
+shift), and for tdnnf layers the bypass ``mx / 2**e ~ 0.66 S_x / S_out`` applied to the
+layer's input codes ``c_x`` (centre frames). One shift ``e`` per layer: the largest of the
+layer's multipliers gets 31 significant bits (:func:`dyadic_multiplier`); the others share
+its absolute resolution ``2**-e`` (relative error ``<= 2**-31 * max|M| / |M_j|``, in practice
+< 1e-6). The output layer returns ``float32(acc_j) * (S_in s_w_j) + bias_j`` and the
+log-softmax. The input step ``c = clamp(round(x * mul_d + add_d), 0, 2**b - 1)`` folds
+``input_bn`` (per-dimension affine) into the quantisation of the float features.
+
+* :meth:`IntTdnnF.reference_forward` evaluates these formulas literally: channels-first, the
+  accumulators by a float64 ``conv1d`` on the integer codes (exact: every partial sum is an
+  integer below 2**53), the requantisation by :func:`rounding_shift` on int64.
+* :meth:`IntTdnnF.forward` is the fast engine: time-major ``(N*T, K)`` activations (the taps
+  of a dilated kernel-2/3 convolution stacked by one ``cat``, so each layer is a single int8
+  GEMM whose M dimension is all frames of the batch), activations kept in 8-bit storage
+  between layers, constants pre-folded (zero points, biases, rounding offset) so that the
+  requantisation is ``[add, relu,] int64 multiply, [bypass multiply-add,] add, shift,
+  clamp, narrow``. GEMM back ends (``backend=``):
+
+  - ``"int_mm"`` (torch >= 2.1): ``torch._int_mm`` int8 x int8 -> int32 (oneDNN/VNNI);
+    activations stored as int8 ``c - 128``.
+  - ``"fbgemm"`` (torch 1.13 and later with the fbgemm engine): fbgemm's int8 GEMM through
+    ``quantized::linear_dynamic`` with unit scales: weights are prepacked as qint8 with
+    scale 1, zero point 0 (the integer ``W`` itself); the uint8 codes are passed as float
+    with two extra rows (all 0, all 255) so that the dynamic range is exactly [0, 255],
+    i.e. activation scale 1 and zero point 0, and fbgemm's float output
+    ``1.0 * 1.0 * float(acc)`` is the int32 accumulator exactly as long as
+    ``|acc| < 2**24``. That bound is guaranteed statically: K is split into chunks with
+    ``255 * max_j sum_{k in chunk} |W[j, k]| < 2**24`` (one chunk for most layers) and the
+    chunks' accumulators are added in int64.
+  - ``"float64"``: exact float64 GEMM (slow fallback where neither exists).
+
+  All back ends produce exactly the same integer accumulators, so the engine equals the
+  reference **bit for bit** (codes at every point and the float log-probs); the tests assert
+  equality (no 1-LSB slack is needed because no back end uses float requantisation).
+
+  Why not torch's static quantized ops (``quantized::linear`` with quint8 in/out)? They are
+  fast but requantise with a float multiplier inside fbgemm (``float(acc) * M`` then
+  round-to-nearest-even), which is not the dyadic arithmetic above and would make the
+  reference depend on fbgemm's internal float operations. Measured here (AMD EPYC Zen 5,
+  AVX-512 VNNI, 1 thread, (1000 x 3072) x (3072 x 160)): ``torch._int_mm`` 0.35-0.7 ms,
+  static ``quantized::linear`` 0.8 ms, the unit-scale ``linear_dynamic`` trick 0.8 ms on
+  torch 1.13 (1.5 ms on torch 2.13), fp32 ``mm`` 7-17 ms. The GEMMs are therefore not the
+  bottleneck; the requantisation's elementwise int64 passes are. They run on row blocks of
+  ~64k elements (cache resident), and with ``set_backend("int_mm", compile=True)``
+  (torch >= 2) ``torch.compile`` fuses each layer's requantisation into one loop (same
+  integers, checked by a test).
+
+Caution:
+  the xent branch of a TdnnF is not part of the integer model (inference uses the chain
+  output only).
+"""
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from k2quant.infer.dyadic import MULTIPLIER_BITS, dyadic_multiplier, rounding_shift
+from k2quant.infer.fold import (
+    FoldedLayer,
+    FoldedTdnnF,
+    activation_points,
+    check_features,
+    fold_tdnnf,
+)
+from k2quant.infer.streaming import chunked_forward, pad_features
+
+log = logging.getLogger(__name__)
+
+FORMAT = "k2quant-int-tdnnf"
+FORMAT_VERSION = 1
+BACKENDS = ("auto", "int_mm", "fbgemm", "float64")
+_FBGEMM_LIMIT = 1 << 24  # float32 integers are exact below this
+# torch 2.x converts int32 -> int64 slowly with .to() but fast inside a promoting multiply;
+# torch 1.13 the other way round (measured; both exact).
+_PROMOTING_MUL = int(torch.__version__.split(".")[0]) >= 2
+#: requantisation works on row blocks of about this many elements (int64: 512 KiB)
+_BLOCK_ELEMENTS = 1 << 16
+
+
+# ----------------------------------------------------------------------------------------
+# activation quantisation
+# ----------------------------------------------------------------------------------------
+@dataclass
+class ActQuant:
+    """Per-tensor asymmetric activation grid of one point: value = scale * (code - zero_point),
+    codes in [0, 2**bits - 1]."""
+
+    point: str
+    scale: float
+    zero_point: int
+    bits: int
+    lo: float
+    hi: float
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @classmethod
+    def from_range(cls, point: str, lo: float, hi: float, bits: int = 8) -> "ActQuant":
+        from k2quant.quant.uniform import uniform_grid
+
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"activation point {point!r}: bits must be an int in 2..8, got {bits!r}")
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise ValueError(f"activation point {point!r}: invalid range [{lo}, {hi}]")
+        scale, zp = uniform_grid(
+            torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32),
+            bits, symmetric=False, signed=False,
+        )
+        return cls(point, float(scale), int(zp), bits, lo, hi)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "bits": self.bits,
+                "lo": self.lo, "hi": self.hi}
+
+
+# ----------------------------------------------------------------------------------------
+# integer layers
+# ----------------------------------------------------------------------------------------
+@dataclass
+class IntLayer:
+    """Canonical integer parameters of one layer (see the module docstring).
+
+    ``W``: int8 (out, in, k). ``B``, ``m``, ``C``: int64 (out,). ``e``, ``mx``: ints.
+    Final (float-output) layers use ``out_scale``/``out_bias`` (float32 (out,)) instead of
+    ``B, m, C``.
+    """
+
+    name: str
+    W: torch.Tensor
+    w_scale: torch.Tensor  # float64 (out,), for information / fp32 comparison
+    dilation: int
+    relu: bool
+    z_in: int
+    bits_in: int
+    B: Optional[torch.Tensor] = None
+    m: Optional[torch.Tensor] = None
+    e: int = 0
+    C: Optional[torch.Tensor] = None
+    z_out: int = 0
+    bits_out: int = 8
+    mx: int = 0
+    z_x: int = 0
+    bypass_offset: int = 0
+    out_scale: Optional[torch.Tensor] = None
+    out_bias: Optional[torch.Tensor] = None
+    weight_bits: int = 8
+    weight_exact: bool = True
+
+    @property
+    def final(self) -> bool:
+        return self.out_scale is not None
+
+    @property
+    def kernel(self) -> int:
+        return int(self.W.shape[2])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.W.shape[0])
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "IntLayer":
+        return cls(**dict(d))
+
+
+def quantize_weight_per_channel(w: torch.Tensor, bits: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantisation of a float (out, in, k) weight.
+
+    Returns int8 codes in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` and float64 scales (out,)."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"weight bits must be an int in 2..8, got {bits!r}")
+    w = w.detach().to(torch.float64)
+    qmax = (1 << (bits - 1)) - 1
+    amax = w.abs().reshape(w.shape[0], -1).max(dim=1).values
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    codes = torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-qmax, qmax)
+    return codes.to(torch.int8), scale
+
+
+def build_int_layer(
+    fl: FoldedLayer,
+    in_act: ActQuant,
+    out_act: Optional[ActQuant],
+    bypass_act: Optional[ActQuant] = None,
+    weight_bits: int = 8,
+) -> IntLayer:
+    """Integer parameters of a folded layer for the given activation grids."""
+    if fl.qweight is not None:
+        W, w_scale, wbits, exact = fl.qweight.codes, fl.qweight.scale, fl.qweight.bits, True
+    else:
+        W, w_scale = quantize_weight_per_channel(fl.weight, weight_bits)
+        wbits, exact = weight_bits, False
+    s_acc = float(in_act.scale) * w_scale.to(torch.float64)  # (out,) > 0
+    layer = IntLayer(
+        name=fl.name, W=W.contiguous(), w_scale=w_scale.clone(), dilation=fl.dilation,
+        relu=fl.relu, z_in=in_act.zero_point, bits_in=in_act.bits, weight_bits=wbits,
+        weight_exact=exact,
+    )
+    if out_act is None:
+        layer.out_scale = (s_acc * fl.post_scale).to(torch.float32)
+        layer.out_bias = (fl.post_scale * fl.bias + fl.post_shift).to(torch.float32)
+        return layer
+    M = s_acc * fl.post_scale / out_act.scale
+    Mx = fl.bypass * bypass_act.scale / out_act.scale if fl.bypass != 0.0 else 0.0
+    biggest = max(float(M.abs().max()), abs(Mx))
+    if biggest == 0.0:
+        raise ValueError(f"{fl.name}: all requantisation multipliers are zero")
+    _, e = dyadic_multiplier(biggest, MULTIPLIER_BITS)
+    if e < 1:
+        raise ValueError(
+            f"{fl.name}: requantisation scale {biggest:g} >= 2**30 cannot be represented; "
+            f"the activation ranges are degenerate (recalibrate)"
+        )
+    lim = (1 << MULTIPLIER_BITS) - 1
+    layer.m = torch.round(M * 2.0 ** e).clamp(-lim, lim).to(torch.int64)
+    layer.e = int(e)
+    layer.mx = int(round(Mx * 2.0 ** e))
+    layer.B = torch.round(fl.bias / s_acc).to(torch.int64)
+    layer.C = torch.round(fl.post_shift / out_act.scale * 2.0 ** e).to(torch.int64)
+    layer.z_out, layer.bits_out = out_act.zero_point, out_act.bits
+    if fl.bypass != 0.0:
+        layer.z_x = bypass_act.zero_point
+        layer.bypass_offset = fl.bypass_offset
+    # int64 overflow guard: |acc| <= sum|W| * (2**b_in - 1)
+    acc_max = W.to(torch.int64).abs().reshape(W.shape[0], -1).sum(1) * ((1 << in_act.bits) - 1)
+    bound = (acc_max + layer.B.abs()) * layer.m.abs() + layer.C.abs() + (1 << e)
+    bound = bound + abs(layer.mx) * 256
+    if float(bound.max()) >= 2.0 ** 62:
+        raise ValueError(
+            f"{fl.name}: the fixed-point requantisation could overflow int64 (bound "
+            f"{float(bound.max()):.3g}); the bias/BatchNorm shift is huge relative to the "
+            f"output range - check the activation ranges"
+        )
+    return layer
+
+
+# ----------------------------------------------------------------------------------------
+# GEMM back ends
+# ----------------------------------------------------------------------------------------
+def have_int_mm() -> bool:
+    """True if ``torch._int_mm`` runs on the CPU here."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    try:
+        a = torch.ones(17, 8, dtype=torch.int8)
+        return int(torch._int_mm(a, torch.ones(8, 8, dtype=torch.int8))[0, 0]) == 8
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def have_fbgemm() -> bool:
+    """True if the fbgemm quantized engine is available (x86)."""
+    return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown integer backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        if have_int_mm():
+            return "int_mm"
+        return "fbgemm" if have_fbgemm() else "float64"
+    if backend == "int_mm" and not have_int_mm():
+        raise ValueError(f"backend 'int_mm' needs torch._int_mm (torch >= 2.1); this is torch "
+                         f"{torch.__version__}. Use backend='fbgemm' or 'auto'")
+    if backend == "fbgemm" and not have_fbgemm():
+        raise ValueError("backend 'fbgemm' needs the fbgemm quantized engine (x86 CPU builds)")
+    return backend
+
+
+def _fbgemm_chunks(Wm: torch.Tensor) -> List[Tuple[int, int]]:
+    """Split the K columns of an int8 (N, K) matrix so that every chunk's accumulator is
+    below 2**24 in magnitude for uint8 inputs (exact in float32)."""
+    cum = torch.cat([torch.zeros(Wm.shape[0], 1, dtype=torch.int64),
+                     Wm.to(torch.int64).abs().cumsum(1)], dim=1)
+    K = Wm.shape[1]
+    chunks, k0 = [], 0
+    while k0 < K:
+        lo, hi = k0 + 1, K  # largest k1 with bound(k0, k1) < limit
+        if int((cum[:, k0 + 1] - cum[:, k0]).max()) * 255 >= _FBGEMM_LIMIT:
+            raise ValueError("fbgemm backend: a single weight exceeds the exactness bound")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if int((cum[:, mid] - cum[:, k0]).max()) * 255 < _FBGEMM_LIMIT:
+                lo = mid
+            else:
+                hi = mid - 1
+        chunks.append((k0, lo))
+        k0 = lo
+    return chunks
+
+
+def _requant_fused(acc, Bs: Optional[torch.Tensor], m: torch.Tensor,
+                   byp: Optional[torch.Tensor], mx: int, const: torch.Tensor, e: int,
+                   lo: int, hi: int) -> torch.Tensor:
+    """The requantisation of :meth:`_Prepared.requant` as one expression (for
+    ``torch.compile``, which fuses it into a single int64 loop; same integers)."""
+    if Bs is not None:
+        acc = torch.clamp(acc + Bs, min=0)
+    t = acc.to(torch.int64) * m + const
+    if byp is not None:
+        t = t + byp.to(torch.int64) * mx
+    return torch.clamp(t >> e, lo, hi).to(torch.int8)
+
+
+_COMPILED: Dict[str, Any] = {}
+
+
+def compiled_requant():
+    """``torch.compile(_requant_fused, dynamic=True)`` (built once per process; the first
+    call of each layer variant compiles, ~1 min, cached by inductor on disk afterwards)."""
+    if "fn" not in _COMPILED:
+        if not hasattr(torch, "compile"):
+            raise ValueError(f"compile=True needs torch >= 2 (this is torch {torch.__version__})")
+        _COMPILED["fn"] = torch.compile(_requant_fused, dynamic=True)
+    return _COMPILED["fn"]
+
+
+class _Prepared:
+    """A layer's constants folded for one back end (storage offset ``off``)."""
+
+    def __init__(self, L: IntLayer, backend: str, compile: bool = False) -> None:
+        self.name = L.name
+        self.compiled = compiled_requant() if compile else None
+        self.k = L.kernel
+        self.d = max(L.dilation, 1)
+        self.out = L.out_features
+        self.backend = backend
+        off = 0 if backend == "fbgemm" else 128
+        self.off = off
+        self.dtype = torch.uint8 if backend == "fbgemm" else torch.int8
+        Wm = L.W.permute(0, 2, 1).reshape(L.out_features, -1).contiguous()  # tap-major (N, K)
+        self.K = Wm.shape[1]
+        colsum = Wm.to(torch.int64).sum(1)
+        zs_in = L.z_in - off  # storage zero point of the input
+        if backend == "int_mm":
+            self.Wm = Wm
+        elif backend == "float64":
+            self.W64 = Wm.to(torch.float64).t().contiguous()
+        else:
+            self.chunks = []
+            for k0, k1 in _fbgemm_chunks(Wm):
+                qw = torch.quantize_per_channel(
+                    Wm[:, k0:k1].to(torch.float32), torch.ones(self.out, dtype=torch.float64),
+                    torch.zeros(self.out, dtype=torch.int64), 0, torch.qint8)
+                self.chunks.append((k0, k1, torch.ops.quantized.linear_prepack(qw, None)))
+            self.calib = torch.zeros(2, self.K, dtype=torch.uint8)
+            self.calib[1] = 255
+        self.final = L.final
+        self.block = max(32, _BLOCK_ELEMENTS // self.out)
+        if L.final:
+            self.zcorr = zs_in * colsum
+            self.out_scale = L.out_scale
+            self.out_bias = L.out_bias
+            return
+        self.relu = L.relu
+        Bs = L.B - zs_in * colsum  # acc_c + B = acc_s + Bs
+        self.m = L.m.to(torch.int32)  # |m| < 2**31
+        self.e = L.e
+        self.mx = L.mx
+        const = L.C + (1 << (L.e - 1)) + (L.z_out - off) * (1 << L.e)
+        if L.mx:
+            const = const + L.mx * (off - L.z_x)
+        if L.relu:
+            acc_bound = int(Wm.to(torch.int64).abs().sum(1).max()) * 256 + int(Bs.abs().max())
+            self.Bs = Bs.to(torch.int32) if acc_bound < (1 << 31) else Bs
+        else:
+            const = const + Bs * L.m
+            self.Bs = None
+        self.const = const
+        self.lo = -off
+        self.hi = (1 << L.bits_out) - 1 - off
+        self.bypass_offset = L.bypass_offset
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this back end holds for inference (weights + constants)."""
+        n = self.out * self.K  # int8 weights (fbgemm: its packed copy, same size)
+        for t in ("m", "Bs", "const", "zcorr", "out_scale", "out_bias"):
+            v = getattr(self, t, None)
+            if isinstance(v, torch.Tensor):
+                n += v.numel() * v.element_size()
+        return n
+
+    # -- GEMM -----------------------------------------------------------------------------
+    def mm(self, a: torch.Tensor) -> torch.Tensor:
+        """(M, K) storage codes -> (M, out) accumulators of the storage codes (int32/int64)."""
+        if self.backend == "int_mm":
+            return torch._int_mm(a, self.Wm.t())
+        if self.backend == "float64":
+            return torch.mm(a.to(torch.float64), self.W64).to(torch.int64)
+        M = a.shape[0]
+        x = torch.cat([a, self.calib]).to(torch.float32)
+        acc = None
+        for k0, k1, pk in self.chunks:
+            xs = x if len(self.chunks) == 1 else x[:, k0:k1].contiguous()
+            y = torch.ops.quantized.linear_dynamic(xs, pk, False)[:M].to(torch.int64)
+            acc = y if acc is None else acc.add_(y)
+        return acc
+
+    # -- requantisation -------------------------------------------------------------------
+    def requant(self, acc: torch.Tensor, byp: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled(acc, self.Bs if self.relu else None, self.m.to(torch.int64),
+                                 byp, self.mx, self.const, self.e, self.lo, self.hi)
+        if self.relu:
+            if self.Bs.dtype == acc.dtype:
+                acc.add_(self.Bs).clamp_(min=0)
+            else:
+                acc = acc.to(torch.int64)
+                acc.add_(self.Bs).clamp_(min=0)
+        m = self.m.to(torch.int64)  # (out,): cheap; kept int32 in memory
+        if acc.dtype == torch.int64:
+            t = acc.mul_(m)
+        elif _PROMOTING_MUL:
+            t = acc * m  # int32 * int64 -> int64 in one pass (torch 2.x: faster than .to)
+        else:
+            t = acc.to(torch.int64).mul_(m)
+        if byp is not None:
+            t.add_(byp, alpha=self.mx)  # exact: computed in int64
+        t.add_(self.const)
+        t.bitwise_right_shift_(self.e)
+        t.clamp_(self.lo, self.hi)
+        return t.to(self.dtype)
+
+    def dequant(self, acc: torch.Tensor) -> torch.Tensor:
+        acc_c = acc.to(torch.int64).sub_(self.zcorr)
+        return acc_c.to(torch.float32).mul_(self.out_scale).add_(self.out_bias)
+
+
+# ----------------------------------------------------------------------------------------
+# the integer TDNN-F
+# ----------------------------------------------------------------------------------------
+class IntTdnnF(nn.Module):
+    """Integer-only TDNN-F (chain branch). Build with :meth:`from_model` (float, fake-quant or
+    converted/packed TdnnF + activation ranges) or :meth:`load`.
+
+    ``forward(x, pad=True)``: x (N, T, feat_dim) float32 -> log-probs (N, ceil(T/3),
+    num_classes), same contract as ``TdnnF.forward`` (``pad=False``: x carries the context).
+
+    Attributes: feat_dim, num_classes, subsampling_factor, left_context, right_context,
+    backend, acts (point -> :class:`ActQuant`), layers (name -> :class:`IntLayer`), spec.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: Optional[dict],
+        feat_dim: int,
+        num_classes: int,
+        subsampling_factor: int,
+        left_context: int,
+        right_context: int,
+        subsample_index: int,
+        num_tdnnf: int,
+        input_mul: torch.Tensor,
+        input_add: torch.Tensor,
+        acts: Dict[str, ActQuant],
+        layers: List[IntLayer],
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.feat_dim = int(feat_dim)
+        self.num_classes = int(num_classes)
+        self.subsampling_factor = int(subsampling_factor)
+        self.left_context = int(left_context)
+        self.right_context = int(right_context)
+        self.subsample_index = int(subsample_index)
+        self.num_tdnnf = int(num_tdnnf)
+        self.input_mul = input_mul.to(torch.float32)
+        self.input_add = input_add.to(torch.float32)
+        self.acts = dict(acts)
+        expected = activation_points(self.num_tdnnf)
+        missing = [p for p in expected if p not in self.acts]
+        if missing:
+            raise ValueError(f"IntTdnnF: missing activation grids for {missing}")
+        self.layers = {L.name: L for L in layers}
+        names = self.layer_names()
+        if [L.name for L in layers] != names:
+            raise ValueError(
+                f"IntTdnnF: layers {[L.name for L in layers]} do not match the TDNN-F with "
+                f"{self.num_tdnnf} tdnnf layers ({names})"
+            )
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------ construction
+    def layer_names(self) -> List[str]:
+        names = ["tdnn1.affine"]
+        for i in range(self.num_tdnnf):
+            names += [f"tdnnfs.{i}.linear", f"tdnnfs.{i}.affine"]
+        return names + ["prefinal_l", "prefinal_chain.affine", "prefinal_chain.linear", "output"]
+
+    def set_backend(self, backend: str = "auto", compile: bool = False) -> "IntTdnnF":
+        """(Re)prepare the fast path for ``backend`` (see the module docstring).
+
+        ``compile=True`` (``int_mm`` back end, torch >= 2): fuse each requantisation into one
+        loop with ``torch.compile`` (the same integer operations; several times faster than
+        the eager op sequence, at the price of a one-off compilation)."""
+        self.backend = resolve_backend(backend)
+        if compile and self.backend != "int_mm":
+            raise ValueError(f"compile=True needs the int_mm back end, not {self.backend!r}")
+        self.compiled = bool(compile)
+        self._prep = {n: _Prepared(L, self.backend, compile) for n, L in self.layers.items()}
+        self._off = 0 if self.backend == "fbgemm" else 128
+        self._storage = torch.uint8 if self.backend == "fbgemm" else torch.int8
+        return self
+
+    @classmethod
+    def from_folded(
+        cls,
+        folded: FoldedTdnnF,
+        act_ranges: Mapping[str, Any],
+        act_bits: int = 8,
+        point_bits: Optional[Mapping[str, int]] = None,
+        weight_bits: int = 8,
+        backend: str = "auto",
+    ) -> "IntTdnnF":
+        """Build from a :class:`FoldedTdnnF` and per-point ranges ``{point: (lo, hi)}`` (or
+        :class:`ActQuant` / dicts with ``lo``/``hi``[/``bits``])."""
+        pts = activation_points(len(folded.tdnnfs))
+        missing = [p for p in pts if p not in act_ranges]
+        extra = [p for p in act_ranges if p not in pts]
+        if missing or extra:
+            raise ValueError(
+                f"activation ranges do not match this model ({len(folded.tdnnfs)} tdnnf "
+                f"layers): missing {missing}, unexpected {extra}. Were they calibrated for "
+                f"another model? Re-run 'k2quant calibrate' on this model."
+            )
+        point_bits = dict(point_bits or {})
+        acts: Dict[str, ActQuant] = {}
+        for p in pts:
+            r = act_ranges[p]
+            if isinstance(r, ActQuant):
+                lo, hi, bits = r.lo, r.hi, r.bits
+            elif isinstance(r, Mapping):
+                lo, hi, bits = r["lo"], r["hi"], r.get("bits", act_bits)
+            else:
+                lo, hi = r
+                bits = act_bits
+            acts[p] = ActQuant.from_range(p, lo, hi, int(point_bits.get(p, bits)))
+        layers: List[IntLayer] = []
+        for fl in folded.all_layers():
+            out_act = acts[fl.out_point] if fl.out_point is not None else None
+            byp = acts[fl.bypass_point] if fl.bypass_point is not None else None
+            layers.append(build_int_layer(fl, acts[fl.in_point], out_act, byp, weight_bits))
+        a = acts["input"]
+        mul = folded.input_inv_std / a.scale
+        add = a.zero_point - folded.input_mean * mul
+        return cls(
+            spec=folded.spec, feat_dim=folded.feat_dim, num_classes=folded.num_classes,
+            subsampling_factor=folded.subsampling_factor, left_context=folded.left_context,
+            right_context=folded.right_context, subsample_index=folded.subsample_index,
+            num_tdnnf=len(folded.tdnnfs), input_mul=mul, input_add=add, acts=acts,
+            layers=layers, backend=backend,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        act_ranges: Mapping[str, Any],
+        act_bits: int = 8,
+        point_bits: Optional[Mapping[str, int]] = None,
+        weight_bits: int = 8,
+        backend: str = "auto",
+    ) -> "IntTdnnF":
+        """Build from a TdnnF (float: weights quantised per channel to ``weight_bits``;
+        quantised/converted, e.g. from ``load_packed``: its integer codes are used as they
+        are) and calibrated activation ranges (:func:`k2quant.infer.calibrate.
+        collect_activation_ranges`). If ``act_ranges`` carries a ``"spec"`` entry it must
+        equal ``model.model_spec()``."""
+        ranges = dict(act_ranges)
+        spec = ranges.pop("spec", None)
+        ranges.pop("meta", None)
+        mspec = model.model_spec() if hasattr(model, "model_spec") else None
+        if spec is not None and mspec is not None and spec != mspec:
+            raise ValueError(
+                f"activation ranges were calibrated for a different model spec "
+                f"({_spec_summary(spec)}) than this model ({_spec_summary(mspec)}); "
+                f"re-run calibration for this model"
+            )
+        was = model.training
+        model.eval()
+        try:
+            folded = fold_tdnnf(model)
+        finally:
+            model.train(was)
+        return cls.from_folded(folded, ranges, act_bits, point_bits, weight_bits, backend)
+
+    @classmethod
+    def from_packed(cls, path, act_ranges: Mapping[str, Any], backend: str = "auto",
+                    **kw) -> "IntTdnnF":
+        """``load_packed(path)`` (model rebuilt from the stored spec) + :meth:`from_model`."""
+        from k2quant.export import load_packed
+
+        return cls.from_model(load_packed(path), act_ranges, backend=backend, **kw)
+
+    # ------------------------------------------------------------------ input / output
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 (N, T, F) -> int64 unsigned codes of the ``input`` point (the only float
+        -> integer step; folds ``input_bn``)."""
+        qmax = self.acts["input"].qmax
+        y = torch.round(x.to(torch.float32) * self.input_mul + self.input_add)
+        return y.clamp_(0, qmax).to(torch.int64)
+
+    def _prepare_input(self, x: torch.Tensor, pad: bool) -> torch.Tensor:
+        check_features(x, self.feat_dim, "IntTdnnF")
+        if pad:
+            x = pad_features(x, self.left_context, self.right_context, self.subsampling_factor)
+        elif x.shape[1] < self.left_context + self.right_context + 1:
+            raise ValueError(
+                f"IntTdnnF(pad=False): need at least left_context + right_context + 1 = "
+                f"{self.left_context + self.right_context + 1} frames, got T={x.shape[1]}"
+            )
+        return x
+
+    # ------------------------------------------------------------------ fast engine
+    def _gemm(self, P: _Prepared, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        N, T, C = x.shape
+        T2 = T - (P.k - 1) * P.d
+        if P.k == 1:
+            a = x.reshape(N * T, C)
+        else:
+            a = torch.cat([x[:, j * P.d : j * P.d + T2] for j in range(P.k)], dim=2)
+            a = a.view(N * T2, P.k * C)
+        return P.mm(a), T2
+
+    def _layer(self, name: str, x: torch.Tensor, byp: Optional[torch.Tensor] = None):
+        P = self._prep[name]
+        acc, T2 = self._gemm(P, x)
+        N = x.shape[0]
+        M = N * T2
+        if byp is not None:
+            byp = byp.reshape(M, P.out)  # copies the (strided) centre frames
+        R = P.block
+        if M <= R or P.compiled is not None:
+            return P.requant(acc, byp).view(N, T2, P.out)
+        # Row blocks keep the int64 temporaries small (cache-resident, no page faults from
+        # fresh large allocations): several times faster than one pass over all frames.
+        out = torch.empty(M, P.out, dtype=self._storage)
+        for r in range(0, M, R):
+            out[r : r + R] = P.requant(acc[r : r + R], None if byp is None else byp[r : r + R])
+        return out.view(N, T2, P.out)
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        P = self._prep["output"]
+        acc, T2 = self._gemm(P, h)
+        M = acc.shape[0]
+        out = torch.empty(M, P.out, dtype=torch.float32)
+        R = P.block
+        for r in range(0, M, R):
+            out[r : r + R] = F.log_softmax(P.dequant(acc[r : r + R]), dim=-1)
+        return out.view(h.shape[0], T2, P.out)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, pad: bool = True, return_codes: bool = False):
+        """Integer-only forward (see the class docstring). ``return_codes=True`` also returns
+        ``{point: int64 unsigned codes (N, T, C)}`` for every activation point."""
+        x = self._prepare_input(x, pad)
+        codes: Dict[str, torch.Tensor] = {}
+        off = self._off
+        h = (self.quantize_input(x) - off).to(self._storage)
+        if return_codes:
+            codes["input"] = h.to(torch.int64) + off
+        h = self._layer("tdnn1.affine", h)
+        if return_codes:
+            codes["tdnn1"] = h.to(torch.int64) + off
+        sf = self.subsampling_factor
+        for i in range(self.num_tdnnf):
+            if i == self.subsample_index and sf > 1:
+                h = h[:, ::sf]
+            z = self._layer(f"tdnnfs.{i}.linear", h)
+            P = self._prep[f"tdnnfs.{i}.affine"]
+            d = P.bypass_offset
+            byp = h[:, d : h.shape[1] - d] if d > 0 else h
+            h = self._layer(f"tdnnfs.{i}.affine", z, byp)
+            if return_codes:
+                codes[f"tdnnfs.{i}.linear"] = z.to(torch.int64) + off
+                codes[f"tdnnfs.{i}"] = h.to(torch.int64) + off
+        if self.subsample_index == self.num_tdnnf and sf > 1:
+            h = h[:, ::sf]
+        for name, point in (("prefinal_l", "prefinal_l"),
+                            ("prefinal_chain.affine", "prefinal_chain.batchnorm1"),
+                            ("prefinal_chain.linear", "prefinal_chain.batchnorm2")):
+            h = self._layer(name, h)
+            if return_codes:
+                codes[point] = h.to(torch.int64) + off
+        out = self._output(h)
+        return (out, codes) if return_codes else out
+
+    # ------------------------------------------------------------------ reference
+    def _ref_layer(self, L: IntLayer, c: torch.Tensor, cx: Optional[torch.Tensor] = None):
+        x = (c - L.z_in).to(torch.float64)
+        acc = F.conv1d(x, L.W.to(torch.float64), dilation=max(L.dilation, 1))
+        acc = torch.round(acc).to(torch.int64)
+        if L.final:
+            return acc
+        a = acc + L.B[:, None]
+        if L.relu:
+            a = torch.clamp(a, min=0)
+        num = a * L.m[:, None] + L.C[:, None]
+        if L.mx:
+            d = L.bypass_offset
+            xc = cx[:, :, d : cx.shape[2] - d] if d > 0 else cx
+            num = num + L.mx * (xc - L.z_x)
+        q = rounding_shift(num, L.e) + L.z_out
+        return q.clamp(0, (1 << L.bits_out) - 1)
+
+    @torch.no_grad()
+    def reference_forward(self, x: torch.Tensor, pad: bool = True, return_codes: bool = False):
+        """The simulated integer model: the formulas of the module docstring evaluated
+        literally (channels-first, float64 convolution of the integer codes, int64
+        requantisation). Equals :meth:`forward` bit for bit."""
+        x = self._prepare_input(x, pad)
+        codes: Dict[str, torch.Tensor] = {}
+        c = self.quantize_input(x).transpose(1, 2)
+        codes["input"] = c
+        c = self._ref_layer(self.layers["tdnn1.affine"], c)
+        codes["tdnn1"] = c
+        sf = self.subsampling_factor
+        for i in range(self.num_tdnnf):
+            if i == self.subsample_index and sf > 1:
+                c = c[:, :, ::sf]
+            z = self._ref_layer(self.layers[f"tdnnfs.{i}.linear"], c)
+            c = self._ref_layer(self.layers[f"tdnnfs.{i}.affine"], z, c)
+            codes[f"tdnnfs.{i}.linear"] = z
+            codes[f"tdnnfs.{i}"] = c
+        if self.subsample_index == self.num_tdnnf and sf > 1:
+            c = c[:, :, ::sf]
+        for name, point in (("prefinal_l", "prefinal_l"),
+                            ("prefinal_chain.affine", "prefinal_chain.batchnorm1"),
+                            ("prefinal_chain.linear", "prefinal_chain.batchnorm2")):
+            c = self._ref_layer(self.layers[name], c)
+            codes[point] = c
+        L = self.layers["output"]
+        acc = self._ref_layer(L, c).transpose(1, 2).contiguous()
+        logits = acc.to(torch.float32) * L.out_scale + L.out_bias
+        out = F.log_softmax(logits, dim=-1)
+        if not return_codes:
+            return out
+        return out, {k: v.transpose(1, 2).contiguous() for k, v in codes.items()}
+
+    def fake_quant_forward(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+        """Float view of the same model: dequantised weights, the *real* (not dyadic)
+        multipliers and float rounding of each activation to its grid. Differs from
+        :meth:`forward` only where a value falls within ~1e-6 of a rounding boundary; used
+        to show the dyadic arithmetic does not change the model."""
+        x = self._prepare_input(x, pad)
+        h = self.quantize_input(x).transpose(1, 2)
+
+        def fq(L: IntLayer, c, cx=None):
+            a_in = self.acts_for_input(L)
+            v = (c - a_in.zero_point).to(torch.float64) * a_in.scale
+            w = L.W.to(torch.float64) * L.w_scale[:, None, None]
+            y = F.conv1d(v, w, dilation=max(L.dilation, 1))
+            if L.final:
+                return y
+            s_acc = a_in.scale * L.w_scale
+            y = y + L.B.to(torch.float64)[:, None] * s_acc[:, None]
+            if L.relu:
+                y = torch.relu(y)
+            out = self._out_act(L)
+            # post scale/shift recovered from the integer constants in real arithmetic
+            y = y / s_acc[:, None] * (L.m.to(torch.float64)[:, None] * 2.0 ** -L.e) * out.scale
+            y = y + L.C.to(torch.float64)[:, None] * 2.0 ** -L.e * out.scale
+            if L.mx:
+                d = L.bypass_offset
+                xa = self._bypass_act(L)
+                xc = cx[:, :, d : cx.shape[2] - d] if d > 0 else cx
+                y = y + L.mx * 2.0 ** -L.e * out.scale * (xc - xa.zero_point).to(torch.float64)
+            q = torch.floor(y / out.scale + 0.5) + out.zero_point
+            return q.clamp(0, out.qmax).to(torch.int64)
+
+        h = fq(self.layers["tdnn1.affine"], h)
+        sf = self.subsampling_factor
+        for i in range(self.num_tdnnf):
+            if i == self.subsample_index and sf > 1:
+                h = h[:, :, ::sf]
+            z = fq(self.layers[f"tdnnfs.{i}.linear"], h)
+            h = fq(self.layers[f"tdnnfs.{i}.affine"], z, h)
+        if self.subsample_index == self.num_tdnnf and sf > 1:
+            h = h[:, :, ::sf]
+        for name in ("prefinal_l", "prefinal_chain.affine", "prefinal_chain.linear"):
+            h = fq(self.layers[name], h)
+        L = self.layers["output"]
+        a_in = self.acts_for_input(L)
+        v = (h - a_in.zero_point).to(torch.float64) * a_in.scale
+        w = L.W.to(torch.float64) * L.w_scale[:, None, None]
+        y = F.conv1d(v, w).transpose(1, 2) + L.out_bias.to(torch.float64)
+        return F.log_softmax(y, dim=-1).to(torch.float32)
+
+    def _point_in(self, name: str) -> str:
+        if name == "tdnn1.affine":
+            return "input"
+        if name.startswith("tdnnfs."):
+            i = int(name.split(".")[1])
+            if name.endswith(".affine"):
+                return f"tdnnfs.{i}.linear"
+            return "tdnn1" if i == 0 else f"tdnnfs.{i - 1}"
+        return {"prefinal_l": f"tdnnfs.{self.num_tdnnf - 1}" if self.num_tdnnf else "tdnn1",
+                "prefinal_chain.affine": "prefinal_l",
+                "prefinal_chain.linear": "prefinal_chain.batchnorm1",
+                "output": "prefinal_chain.batchnorm2"}[name]
+
+    def acts_for_input(self, L: IntLayer) -> ActQuant:
+        return self.acts[self._point_in(L.name)]
+
+    def _out_act(self, L: IntLayer) -> ActQuant:
+        if L.name == "tdnn1.affine":
+            return self.acts["tdnn1"]
+        if L.name.startswith("tdnnfs."):
+            i = int(L.name.split(".")[1])
+            return self.acts[f"tdnnfs.{i}.linear" if L.name.endswith(".linear") else f"tdnnfs.{i}"]
+        return self.acts[{"prefinal_l": "prefinal_l",
+                          "prefinal_chain.affine": "prefinal_chain.batchnorm1",
+                          "prefinal_chain.linear": "prefinal_chain.batchnorm2"}[L.name]]
+
+    def _bypass_act(self, L: IntLayer) -> ActQuant:
+        i = int(L.name.split(".")[1])
+        return self.acts["tdnn1" if i == 0 else f"tdnnfs.{i - 1}"]
+
+    # ------------------------------------------------------------------ streaming
+    @torch.no_grad()
+    def streaming_forward(self, x: torch.Tensor, chunk_frames: int = 21) -> torch.Tensor:
+        """Chunked evaluation (:func:`k2quant.infer.streaming.chunked_forward`); equal to
+        ``forward(x)`` bit for bit."""
+        check_features(x, self.feat_dim, "IntTdnnF")
+        return chunked_forward(self.forward, x, self.left_context, self.right_context,
+                               self.subsampling_factor, chunk_frames)
+
+    # ------------------------------------------------------------------ sizes
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes held for inference.
+
+        ``weight_bytes``: the int8 weight matrices (4-bit layers expanded to int8);
+        ``bias_bytes``: int32 biases ``B`` counted once per layer with a bias term (float
+        output layer: float32); ``engine_bytes``: everything the fast path holds (weights +
+        per-channel requantisation constants as stored for the back end)."""
+        wb = sum(L.W.numel() for L in self.layers.values())
+        bb = 0
+        for L in self.layers.values():
+            if L.final:
+                bb += 4 * L.out_features
+            elif L.B is not None and bool((L.B != 0).any()):
+                bb += 4 * L.out_features
+        eng = sum(P.nbytes() for P in self._prep.values()) + 8 * self.feat_dim
+        return {"weight_bytes": wb, "bias_bytes": bb, "engine_bytes": eng}
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> Dict[str, Any]:
+        """A dict of tensors plus one JSON string (``meta``) for everything else, so that
+        ``torch.load(weights_only=True)`` reads it on every supported torch."""
+        import json
+
+        layers_meta, tensors = [], {}
+        for n in self.layer_names():
+            d = self.layers[n].to_dict()
+            meta = {}
+            for k, v in d.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{n}/{k}"] = v
+                elif v is not None:
+                    meta[k] = v
+            layers_meta.append(meta)
+        tensors["input_mul"] = self.input_mul
+        tensors["input_add"] = self.input_add
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "spec": self.spec,
+            "geometry": {
+                "feat_dim": self.feat_dim, "num_classes": self.num_classes,
+                "subsampling_factor": self.subsampling_factor,
+                "left_context": self.left_context, "right_context": self.right_context,
+                "subsample_index": self.subsample_index, "num_tdnnf": self.num_tdnnf,
+            },
+            "acts": {p: a.to_dict() for p, a in self.acts.items()},
+            "layers": layers_meta,
+        }
+        return {"format": FORMAT, "version": FORMAT_VERSION, "meta": json.dumps(meta),
+                "tensors": tensors}
+
+    def save(self, path) -> None:
+        """Write the integer model (torch file, atomic)."""
+        from k2quant.utils.io import atomic_torch_save
+
+        atomic_torch_save(self.state(), path)
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", expected_spec: Optional[dict] = None) -> "IntTdnnF":
+        """Load :meth:`save` output. ``expected_spec``: raise if the file is of another model."""
+        try:
+            try:
+                st = torch.load(path, map_location="cpu", weights_only=True)
+            except TypeError:  # torch < 1.13 has no weights_only
+                st = torch.load(path, map_location="cpu")
+        except Exception as e:  # unpickling errors, truncated files
+            raise ValueError(f"{path}: not a k2quant integer model ({e})") from e
+        if not isinstance(st, dict) or st.get("format") != FORMAT:
+            raise ValueError(
+                f"{path}: not a k2quant integer TDNN-F file (expected format {FORMAT!r}); "
+                f"packed exports (.k2q) load with IntTdnnF.from_packed(path, ranges)"
+            )
+        if st.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: integer model format version {st.get('version')!r}; this k2quant "
+                f"reads version {FORMAT_VERSION}. Re-run 'k2quant calibrate'"
+            )
+        import json
+
+        meta = json.loads(st["meta"])
+        tensors = st["tensors"]
+        if expected_spec is not None and meta.get("spec") != expected_spec:
+            raise ValueError(
+                f"{path}: the integer model is of a different model spec "
+                f"({_spec_summary(meta.get('spec'))}) than expected "
+                f"({_spec_summary(expected_spec)})"
+            )
+        acts = {p: ActQuant(p, d["scale"], d["zero_point"], d["bits"], d["lo"], d["hi"])
+                for p, d in meta["acts"].items()}
+        layers = []
+        for lm in meta["layers"]:
+            d = dict(lm)
+            prefix = lm["name"] + "/"
+            for k, v in tensors.items():
+                if k.startswith(prefix):
+                    d[k[len(prefix):]] = v
+            layers.append(IntLayer.from_dict(d))
+        return cls(spec=meta["spec"], input_mul=tensors["input_mul"],
+                   input_add=tensors["input_add"], acts=acts, layers=layers, backend=backend,
+                   **meta["geometry"])
+
+
+def _spec_summary(spec: Optional[dict]) -> str:
+    if not isinstance(spec, dict):
+        return repr(spec)
+    cfg = spec.get("config", {})
+    keys = ("feat_dim", "num_classes", "hidden_dim", "bottleneck_dims", "strides")
+    return f"arch={spec.get('arch')!r}, " + ", ".join(f"{k}={cfg.get(k)!r}" for k in keys if k in cfg)
+
+
+def fp32_reference_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes of the fp32 TdnnF tensors the chain forward uses: weights, biases and the
+    BatchNorm running statistics (the xent branch is excluded)."""
+    w = b = bn = 0
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in ("prefinal_xent", "output_xent"):
+            continue
+        if name.endswith("weight") and p.dim() > 1:
+            w += p.numel() * 4
+        else:
+            b += p.numel() * 4
+    for name, t in model.named_buffers():
+        if name.split(".")[0] in ("prefinal_xent", "output_xent"):
+            continue
+        if name.endswith("running_mean") or name.endswith("running_var"):
+            bn += t.numel() * 4
+    return {"weight_bytes": w, "bias_bytes": b, "bn_bytes": bn, "total_bytes": w + b + bn}
