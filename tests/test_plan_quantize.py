@@ -250,3 +250,22 @@ def test_tied_weights_and_shared_modules_stay_shared():
     assert list(quantizable_layers(seq)) == ["0"]
     quantize_(seq, Plan({"0": LayerConfig()}))
     assert isinstance(seq[0], QuantLinear) and seq[0] is seq[2]
+
+
+def test_frozen_layers_store_no_second_copy_of_the_scale():
+    """After convert, LSQ steps etc. are gone: codes + scale (+ zero point) only."""
+    import torch
+    from k2quant.plan import LayerConfig, Plan, convert, quantize_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    quantize_(model, Plan(default=LayerConfig(weight_bits=4, weight_quantizer="lsq")))
+    x = torch.randn(5, 16)
+    model.eval()
+    y = model(x)
+    assert any("weight_quantizers" in k for k in model.state_dict())
+    convert(model)
+    keys = list(model.state_dict())
+    assert not any("weight_quantizers" in k for k in keys), keys
+    assert {"0.weight_codes", "0.weight_scale", "2.weight_codes"} <= set(keys)
+    assert torch.equal(model(x), y)

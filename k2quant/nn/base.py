@@ -364,6 +364,11 @@ class QuantModule(nn.Module):
             if has_cb:
                 self.register_buffer(f"{key}_codebook", params.codebook.clone())
             self._frozen_meta[key] = _FrozenMeta(int(params.bits), params.ch_axis, has_zp, has_cb)
+            # The frozen buffers hold everything dequantize() needs; the quantizer's own learned
+            # state (LSQ step, centroids, observer ranges, ...) would be a second copy of the
+            # scale in checkpoints and packed files, so it goes.
+            q._parameters.clear()
+            q._buffers.clear()
         for pname in {s.param for s in self._slots.values()}:
             p = getattr(self, pname)
             covered = sum(

@@ -497,7 +497,9 @@ class Quantizer(nn.Module):
     ):
         # Allocate lazily created parameters/buffers with the saved shapes before loading
         # (on this module's device; the values are then copied by the default loader).
-        device = self.initialized.device
+        # (a frozen layer's weight quantizers hold no state at all: see QuantModule.freeze)
+        init = self._buffers.get("initialized")
+        device = init.device if init is not None else torch.device("cpu")
         for pname in self._lazy_params:
             key = prefix + pname
             if key in state_dict:
