@@ -4,6 +4,7 @@ Examples::
 
     k2quant bench                                  # small preset, 1 and 2 threads
     k2quant bench --preset small --preset kaldi_7q --json bench.json
+    k2quant bench --backend qtensor --backend fbgemm --repeats 21 --no-compile
 """
 import json
 
@@ -17,17 +18,22 @@ import click
               help="Comma-separated torch thread counts.")
 @click.option("--batch", default=8, show_default=True, help="Utterances per batch.")
 @click.option("--frames", default=300, show_default=True, help="Frames per utterance.")
-@click.option("--repeats", default=5, show_default=True, help="Timed runs (median).")
+@click.option("--repeats", default=11, show_default=True,
+              help="Interleaved timing rounds (medians; more on a loaded machine).")
 @click.option("--stream-frames", default=1500, show_default=True,
               help="Frames of the single streamed utterance.")
 @click.option("--chunk", default=21, show_default=True, help="Output frames per chunk.")
-@click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "int_mm", "fbgemm", "float64"]))
+@click.option("--backend", "backends", multiple=True, default=("auto", "dyadic"),
+              show_default=True,
+              type=click.Choice(["auto", "dyadic", "qtensor", "int_mm", "fbgemm", "float64"]),
+              help="Integer back end(s) to time against fp32 (repeatable; the first is the "
+                   "primary one). 'dyadic': the fastest exact dyadic back end; 'auto': what "
+                   "IntTdnnF picks by default (qtensor where available).")
 @click.option("--no-compile", is_flag=True,
               help="Skip the torch.compile-fused integer variant (torch >= 2 only).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the results as JSON.")
-def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backend, no_compile,
+def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backends, no_compile,
          json_out):
     """Time fp32 vs integer-only forward (batch and chunked streaming) and report the speed
     ratios, peak memory, and weight bytes in memory and on disk."""
@@ -43,7 +49,7 @@ def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backend
         raise click.BadParameter("thread counts must be >= 1", param_hint="--threads")
     results = []
     for p in presets:
-        res = run_benchmark(p, th, batch, frames, repeats, stream_frames, chunk, backend,
+        res = run_benchmark(p, th, batch, frames, repeats, stream_frames, chunk, list(backends),
                             log=lambda s: click.echo(s, err=True), compile=not no_compile)
         click.echo(format_result(res))
         results.append(res)

@@ -47,7 +47,7 @@ log = logging.getLogger("k2quant.calibrate")
               type=click.Choice(["minmax", "percentile", "mse"]), help="Activation range method.")
 @click.option("--percentile", default=99.99, show_default=True)
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "int_mm", "fbgemm", "float64"]))
+              type=click.Choice(["auto", "qtensor", "int_mm", "fbgemm", "float64"]))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-pickle", is_flag=True,
               help="Let torch.load unpickle the checkpoint (training checkpoints store RNG "

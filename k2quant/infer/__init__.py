@@ -4,6 +4,8 @@
 - :mod:`k2quant.infer.fold`: BatchNorm folding of a TdnnF (float, exact).
 - :mod:`k2quant.infer.int_engine`: :class:`IntTdnnF`, the integer engine (int8 GEMMs on the
   CPU) and its bit-exact simulated reference.
+- :mod:`k2quant.infer.qtensor`: the ``qtensor`` back end (quint8 tensors end to end through
+  fbgemm's static quantized kernels) and its bit-exact simulation.
 - :mod:`k2quant.infer.streaming`: edge padding and chunked evaluation.
 - :mod:`k2quant.infer.calibrate`: zero-shot synthetic features, activation ranges, PTQ.
 - :mod:`k2quant.infer.bench`: fp32 vs integer speed/memory/size benchmark.

@@ -9,9 +9,15 @@ ranges on the benchmark features, then for each thread count (``torch.set_num_th
 * streaming: one utterance of ``stream_frames`` frames evaluated in chunks of ``chunk``
   output frames (each chunk recomputes its left/right context), fp32 vs integer.
 
-Times are medians over ``repeats`` runs after one warm-up; ratios are fp32 / integer measured
-in the same run. Peak memory is the peak RSS increase during one forward (a sampling thread
-reads ``/proc/self/statm`` every 0.5 ms; torch's allocations are invisible to tracemalloc).
+Every variant (fp32, each requested integer back end, optionally the torch.compile-fused
+int_mm engine) is timed in the same *interleaved* rounds (:func:`interleaved_times`: one
+warm-up each, then ``repeats`` rounds that run every variant once, order rotated), so that
+the load of a shared machine hits all alike. Reported per variant: median wall time, the
+ratio of medians to fp32, the median of per-round ratios (paired), and the ratio of median
+process CPU times (``time.process_time``; at 1 thread the least load-sensitive figure), plus
+the 1-minute load average before and after. Peak memory is the peak RSS increase during one
+forward (a sampling thread reads ``/proc/self/statm`` every 0.5 ms; torch's allocations are
+invisible to tracemalloc).
 Sizes: fp32 checkpoint (``torch.save`` of the state dict) vs 8-bit packed export
 (``save_packed``) on disk; weights in memory: fp32 weight matrices (+ biases and BatchNorm
 statistics) vs the engine's int8 matrices (+ requantisation constants).
@@ -22,7 +28,7 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -72,6 +78,48 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(ts)
 
 
+def interleaved_times(fns: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, Dict[str, Any]]:
+    """Time several callables in turns (one warm-up each, then ``repeats`` rounds; each round
+    runs every callable once, in an order rotated from round to round), so that a changing
+    machine load affects all of them alike.
+
+    Returns ``{name: {"wall": [...], "cpu": [...]}}``: wall-clock seconds
+    (``time.perf_counter``) and process CPU seconds (``time.process_time``, all threads)."""
+    names = list(fns)
+    out: Dict[str, Dict[str, Any]] = {n: {"wall": [], "cpu": []} for n in names}
+    for n in names:
+        fns[n]()
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[n]()
+            t1, c1 = time.perf_counter(), time.process_time()
+            out[n]["wall"].append(t1 - t0)
+            out[n]["cpu"].append(c1 - c0)
+    return out
+
+
+def summarize_times(times: Dict[str, Dict[str, Any]],
+                    ref: str = "fp32") -> Dict[str, Dict[str, float]]:
+    """Medians and ratios against ``ref``: ``speedup`` = median wall(ref) / median wall(v),
+    ``paired_speedup`` = median over rounds of wall(ref) / wall(v) (same round, similar load),
+    ``cpu_speedup`` = median CPU(ref) / median CPU(v), ``best_speedup`` = min wall(ref) /
+    min wall(v)."""
+    med = statistics.median
+    r = times[ref]
+    res = {}
+    for n, t in times.items():
+        res[n] = {
+            "wall_s": med(t["wall"]), "min_wall_s": min(t["wall"]), "cpu_s": med(t["cpu"]),
+            "speedup": med(r["wall"]) / med(t["wall"]),
+            "paired_speedup": med([a / b for a, b in zip(r["wall"], t["wall"])]),
+            "cpu_speedup": med(r["cpu"]) / max(med(t["cpu"]), 1e-9),
+            "best_speedup": min(r["wall"]) / min(t["wall"]),
+        }
+    return res
+
+
 def build_bench_model(preset: str, seed: int = 0):
     from k2quant.models.tdnnf import TdnnF, get_preset
 
@@ -109,6 +157,25 @@ def disk_sizes(model, engine: IntTdnnF) -> Dict[str, int]:
             "int_engine_file_bytes": eng}
 
 
+def _engines(engine: IntTdnnF, backends: Sequence[str]) -> Dict[str, IntTdnnF]:
+    """``{label: engine}`` for the requested back ends: ``"auto"`` is ``engine`` itself,
+    ``"dyadic"`` the fastest dyadic back end (:func:`resolve_backend`); duplicates dropped."""
+    from k2quant.infer.int_engine import resolve_backend
+
+    out: Dict[str, IntTdnnF] = {}
+    for b in backends:
+        name = engine.backend if b == "auto" else resolve_backend("auto") if b == "dyadic" else b
+        if name in out:
+            continue
+        if name == engine.backend:
+            out[name] = engine
+        else:
+            e = copy.copy(engine)
+            e.set_backend(name)
+            out[name] = e
+    return out
+
+
 def run_benchmark(
     preset: str = "small",
     threads: Sequence[int] = (1, 2),
@@ -117,18 +184,23 @@ def run_benchmark(
     repeats: int = 5,
     stream_frames: int = 1500,
     chunk: int = 21,
-    backend: str = "auto",
+    backend: Union[str, Sequence[str]] = ("auto", "dyadic"),
     seed: int = 0,
     log: Optional[Callable[[str], None]] = None,
     compile: bool = True,
 ) -> Dict[str, Any]:
     """Benchmark one preset; returns a JSON-able dict (see the module docstring).
 
-    ``compile``: also time the integer engine with its requantisation fused by
-    ``torch.compile`` (int_mm back end only; the one-off compile time is reported)."""
+    ``backend``: one back end or several (``"auto"``, ``"dyadic"`` = the fastest dyadic one,
+    or a name of :data:`k2quant.infer.int_engine.BACKENDS`); the first is the *primary*
+    integer engine (``int_*`` keys, memory), all are timed against fp32 in the same
+    interleaved rounds. ``compile``: also time the int_mm engine with its requantisation
+    fused by ``torch.compile`` (torch >= 2; the one-off compile time is reported)."""
     from k2quant.infer.calibrate import calibrate_model
+    from k2quant.infer.int_engine import have_int_mm
 
     log = log or (lambda s: None)
+    backends = [backend] if isinstance(backend, str) else list(backend)
     model = build_bench_model(preset, seed)
     feat_dim = model.config.feat_dim
     g = torch.Generator().manual_seed(seed + 1)
@@ -136,57 +208,69 @@ def run_benchmark(
     xs = torch.randn(1, stream_frames, feat_dim, generator=g)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(threads))
-    engine, _ = calibrate_model(model, [x[:2]], backend=backend)
+    engine, _ = calibrate_model(model, [x[:2]], backend=backends[0])
+    engines = _engines(engine, backends)
     with torch.no_grad():
         y32 = model(x)
-        yq = engine(x)
-    agree = float((y32.argmax(-1) == yq.argmax(-1)).float().mean())
-    compiled = None
-    if compile and engine.backend == "int_mm":
-        compiled = copy.copy(engine)
+        outs = {n: e(x) for n, e in engines.items()}
+    agree = {n: float((y32.argmax(-1) == y.argmax(-1)).float().mean()) for n, y in outs.items()}
+    kl = {n: float((y32.exp() * (y32 - y)).sum(-1).mean()) for n, y in outs.items()}
+    compile_s = None
+    if compile and have_int_mm() and hasattr(torch, "compile"):
+        base = engines.get("int_mm") or copy.copy(engine).set_backend("int_mm")
+        compiled = copy.copy(base)
         t0 = time.perf_counter()
         compiled.set_backend("int_mm", compile=True)
         with torch.no_grad():
-            if not torch.equal(compiled(x), yq):
+            if not torch.equal(compiled(x), base(x)):
                 raise RuntimeError("compiled integer engine differs from the eager one")
             compiled.streaming_forward(xs[:, : 3 * chunk + model.left_context + 10], chunk)
         compile_s = time.perf_counter() - t0
+        engines["int_mm+compile"] = compiled
+    primary = engine.backend
     res: Dict[str, Any] = {
-        "preset": preset, "torch": torch.__version__, "backend": engine.backend,
-        "batch": batch, "frames": frames, "stream_frames": stream_frames, "chunk": chunk,
-        "repeats": repeats, "params_chain": model.num_parameters(include_xent=False),
-        "top1_agreement_fp32_vs_int": agree, "runs": [],
-        "compile_seconds": compile_s if compiled is not None else None,
+        "preset": preset, "torch": torch.__version__, "backend": primary,
+        "backends": list(engines), "batch": batch, "frames": frames,
+        "stream_frames": stream_frames, "chunk": chunk, "repeats": repeats,
+        "params_chain": model.num_parameters(include_xent=False),
+        "top1_agreement_fp32_vs_int": agree[primary], "top1_agreement": agree,
+        "kl_fp32_to_int": kl, "runs": [], "compile_seconds": compile_s,
     }
+
+    def stream_fp32():
+        return chunked_forward(model.forward, xs, model.left_context, model.right_context,
+                               model.subsampling_factor, chunk)
+
     try:
         for t in threads:
             torch.set_num_threads(t)
+            load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             with torch.no_grad():
-                tf = median_time(lambda: model(x), repeats)
-                ti = median_time(lambda: engine(x), repeats)
-                sf = median_time(lambda: chunked_forward(
-                    model.forward, xs, model.left_context, model.right_context,
-                    model.subsampling_factor, chunk), repeats)
-                si = median_time(lambda: engine.streaming_forward(xs, chunk), repeats)
-                mf = peak_rss_increase(lambda: model(x))
-                mi = peak_rss_increase(lambda: engine(x))
-                if compiled is not None:
-                    tc = median_time(lambda: compiled(x), repeats)
-                    sc = median_time(lambda: compiled.streaming_forward(xs, chunk), repeats)
-            run = {"threads": t, "fp32_batch_s": tf, "int_batch_s": ti,
-                   "batch_speedup": tf / ti, "fp32_stream_s": sf, "int_stream_s": si,
-                   "stream_speedup": sf / si, "fp32_peak_rss_increase_bytes": mf,
-                   "int_peak_rss_increase_bytes": mi,
-                   "fp32_frames_per_s": batch * frames / tf, "int_frames_per_s": batch * frames / ti}
-            if compiled is not None:
-                run.update({"intc_batch_s": tc, "intc_batch_speedup": tf / tc,
-                            "intc_stream_s": sc, "intc_stream_speedup": sf / sc})
-                log(f"{preset} threads={t}: compiled requant: batch {tc * 1e3:.1f} ms "
-                    f"({tf / tc:.2f}x), stream {sc * 1e3:.1f} ms ({sf / sc:.2f}x)")
+                fb = {"fp32": lambda: model(x)}
+                fs = {"fp32": stream_fp32}
+                for n, e in engines.items():
+                    fb[n] = (lambda e=e: e(x))
+                    fs[n] = (lambda e=e: e.streaming_forward(xs, chunk))
+                sb = summarize_times(interleaved_times(fb, repeats))
+                ss = summarize_times(interleaved_times(fs, repeats))
+                rss = {n: peak_rss_increase(f) for n, f in fb.items()}
+            load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            run = {"threads": t, "load_before": load0, "load_after": load1,
+                   "fp32_batch_s": sb["fp32"]["wall_s"], "int_batch_s": sb[primary]["wall_s"],
+                   "batch_speedup": sb[primary]["speedup"],
+                   "fp32_stream_s": ss["fp32"]["wall_s"], "int_stream_s": ss[primary]["wall_s"],
+                   "stream_speedup": ss[primary]["speedup"],
+                   "fp32_peak_rss_increase_bytes": rss["fp32"],
+                   "int_peak_rss_increase_bytes": rss[primary],
+                   "fp32_frames_per_s": batch * frames / sb["fp32"]["wall_s"],
+                   "int_frames_per_s": batch * frames / sb[primary]["wall_s"],
+                   "batch": sb, "stream": ss, "peak_rss_increase_bytes": rss}
             res["runs"].append(run)
-            log(f"{preset} threads={t}: batch fp32 {tf * 1e3:.1f} ms, int {ti * 1e3:.1f} ms "
-                f"({tf / ti:.2f}x); stream fp32 {sf * 1e3:.1f} ms, int {si * 1e3:.1f} ms "
-                f"({sf / si:.2f}x)")
+            for n in engines:
+                log(f"{preset} threads={t} {n}: batch {sb[n]['wall_s'] * 1e3:.1f} ms "
+                    f"({sb[n]['speedup']:.2f}x, cpu {sb[n]['cpu_speedup']:.2f}x); stream "
+                    f"{ss[n]['wall_s'] * 1e3:.1f} ms ({ss[n]['speedup']:.2f}x, cpu "
+                    f"{ss[n]['cpu_speedup']:.2f}x); load {load0:.1f}->{load1:.1f}")
     finally:
         torch.set_num_threads(old_threads)
     mem = engine.memory_report()
@@ -208,30 +292,30 @@ def run_benchmark(
 def format_result(res: Dict[str, Any]) -> str:
     mb = 1.0 / (1 << 20)
     lines = [
-        f"== {res['preset']}  (torch {res['torch']}, integer backend {res['backend']}, "
-        f"{res['params_chain'] / 1e6:.2f}M chain params; batch {res['batch']}x{res['frames']} "
-        f"frames; streaming 1x{res['stream_frames']} frames in chunks of {res['chunk']} output "
-        f"frames; median of {res['repeats']})",
-        f"   top-1 frame agreement int vs fp32 on the benchmark features: "
-        f"{res['top1_agreement_fp32_vs_int'] * 100:.1f}%",
-        "   threads | batch fp32 ms | batch int ms | speedup | stream fp32 ms | stream int ms |"
-        " speedup | peak RSS +MB fp32 / int",
+        f"== {res['preset']}  (torch {res['torch']}, integer back ends {res['backends']} "
+        f"(primary {res['backend']}), {res['params_chain'] / 1e6:.2f}M chain params; batch "
+        f"{res['batch']}x{res['frames']} frames; streaming 1x{res['stream_frames']} frames in "
+        f"chunks of {res['chunk']} output frames; medians of {res['repeats']} interleaved rounds)",
+        "   top-1 frame agreement with fp32 / KL(fp32||int): " + ", ".join(
+            f"{n} {a * 100:.1f}% / {res['kl_fp32_to_int'][n]:.2e}"
+            for n, a in res["top1_agreement"].items()),
+        "   speedup = fp32 median / int median (wall); paired = median of per-round ratios; "
+        "cpu = ratio of median process CPU times",
+        "   threads | load    | variant        | batch ms | speedup paired  cpu | stream ms |"
+        " speedup paired  cpu | peak RSS +MB",
     ]
-    for r in res["runs"]:
-        lines.append(
-            f"   {r['threads']:7d} | {r['fp32_batch_s'] * 1e3:13.1f} | {r['int_batch_s'] * 1e3:12.1f} |"
-            f" {r['batch_speedup']:6.2f}x | {r['fp32_stream_s'] * 1e3:14.1f} |"
-            f" {r['int_stream_s'] * 1e3:13.1f} | {r['stream_speedup']:6.2f}x |"
-            f" {r['fp32_peak_rss_increase_bytes'] * mb:.1f} / {r['int_peak_rss_increase_bytes'] * mb:.1f}")
     if res.get("compile_seconds") is not None:
-        lines.append(f"   integer engine with torch.compile-fused requantisation (compile "
-                     f"{res['compile_seconds']:.0f} s, once):")
-        for r in res["runs"]:
+        lines.insert(3, f"   int_mm+compile: requantisation fused by torch.compile (compiled "
+                        f"once in {res['compile_seconds']:.0f} s)")
+    for r in res["runs"]:
+        load = f"{r['load_before']:.1f}-{r['load_after']:.1f}"
+        for n in r["batch"]:
+            b, s = r["batch"][n], r["stream"][n]
             lines.append(
-                f"   {r['threads']:7d} | {r['fp32_batch_s'] * 1e3:13.1f} |"
-                f" {r['intc_batch_s'] * 1e3:12.1f} | {r['intc_batch_speedup']:6.2f}x |"
-                f" {r['fp32_stream_s'] * 1e3:14.1f} | {r['intc_stream_s'] * 1e3:13.1f} |"
-                f" {r['intc_stream_speedup']:6.2f}x |")
+                f"   {r['threads']:7d} | {load:7s} | {n:14s} | {b['wall_s'] * 1e3:8.1f} |"
+                f" {b['speedup']:6.2f}x {b['paired_speedup']:5.2f}x {b['cpu_speedup']:4.2f}x |"
+                f" {s['wall_s'] * 1e3:9.1f} | {s['speedup']:6.2f}x {s['paired_speedup']:5.2f}x"
+                f" {s['cpu_speedup']:4.2f}x | {r['peak_rss_increase_bytes'][n] * mb:.1f}")
     m, d = res["memory"], res["disk"]
     lines.append(
         f"   weights in memory: fp32 {m['fp32_weight_bytes'] * mb:.2f} MB vs int8 "

@@ -49,21 +49,31 @@ log-softmax. The input step ``c = clamp(round(x * mul_d + add_d), 0, 2**b - 1)``
     chunks' accumulators are added in int64.
   - ``"float64"``: exact float64 GEMM (slow fallback where neither exists).
 
-  All back ends produce exactly the same integer accumulators, so the engine equals the
+  All dyadic back ends produce exactly the same integer accumulators, so the engine equals the
   reference **bit for bit** (codes at every point and the float log-probs); the tests assert
-  equality (no 1-LSB slack is needed because no back end uses float requantisation).
+  equality (no 1-LSB slack is needed because no dyadic back end uses float requantisation).
 
-  Why not torch's static quantized ops (``quantized::linear`` with quint8 in/out)? They are
-  fast but requantise with a float multiplier inside fbgemm (``float(acc) * M`` then
-  round-to-nearest-even), which is not the dyadic arithmetic above and would make the
-  reference depend on fbgemm's internal float operations. Measured here (AMD EPYC Zen 5,
-  AVX-512 VNNI, 1 thread, (1000 x 3072) x (3072 x 160)): ``torch._int_mm`` 0.35-0.7 ms,
-  static ``quantized::linear`` 0.8 ms, the unit-scale ``linear_dynamic`` trick 0.8 ms on
-  torch 1.13 (1.5 ms on torch 2.13), fp32 ``mm`` 7-17 ms. The GEMMs are therefore not the
-  bottleneck; the requantisation's elementwise int64 passes are. They run on row blocks of
-  ~64k elements (cache resident), and with ``set_backend("int_mm", compile=True)``
-  (torch >= 2) ``torch.compile`` fuses each layer's requantisation into one loop (same
-  integers, checked by a test).
+  torch's static quantized ops (``quantized::linear`` with quint8 in/out) requantise with a
+  float multiplier inside fbgemm (``float(acc) * M`` then round-to-nearest-even), which is not
+  the dyadic arithmetic above. Measured here (AMD EPYC Zen 5, AVX-512 VNNI, 1 thread,
+  (1000 x 3072) x (3072 x 160)): ``torch._int_mm`` 0.35-0.7 ms, static ``quantized::linear``
+  0.8 ms, the unit-scale ``linear_dynamic`` trick 0.8 ms on torch 1.13 (1.5 ms on torch
+  2.13), fp32 ``mm`` 7-17 ms. The GEMMs are therefore not the bottleneck of these back ends;
+  the requantisation's elementwise int64 passes are. They run on row blocks of ~64k
+  elements (cache resident), and with ``set_backend("int_mm", compile=True)`` (torch >= 2)
+  ``torch.compile`` fuses each layer's requantisation into one loop (same integers, checked
+  by a test).
+
+  - ``"qtensor"`` (:mod:`k2quant.infer.qtensor`; torch 1.13 and 2.x with fbgemm): quint8
+    tensors end to end through ``quantized::linear[_relu]`` and ``quantized::add``, i.e. the
+    requantisation fused into fbgemm's GEMM epilogue -- several times faster than the dyadic
+    back ends in eager mode. It computes a *different* integer function (float32
+    multipliers, round half to even, BatchNorm shifts carried as per-channel offsets), built
+    from the same :class:`IntLayer` constants; :meth:`IntTdnnF.reference_forward` then
+    simulates *that* arithmetic and equals the engine bit for bit. ``"auto"`` picks it
+    whenever the model allows (8-bit activations, non-negative BatchNorm scales after the
+    ReLUs, VNNI fbgemm), otherwise the fastest dyadic back end; the dyadic back ends remain
+    the documented exact integer-only path (``dyadic_reference_forward``).
 
 Caution:
   the xent branch of a TdnnF is not part of the integer model (inference uses the chain
@@ -92,7 +102,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "k2quant-int-tdnnf"
 FORMAT_VERSION = 1
-BACKENDS = ("auto", "int_mm", "fbgemm", "float64")
+BACKENDS = ("auto", "qtensor", "int_mm", "fbgemm", "float64")
 _FBGEMM_LIMIT = 1 << 24  # float32 integers are exact below this
 # torch 2.x converts int32 -> int64 slowly with .to() but fast inside a promoting multiply;
 # torch 1.13 the other way round (measured; both exact).
@@ -284,8 +294,14 @@ def have_fbgemm() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
+    """The dyadic back end ``backend`` names (``"auto"``: the fastest available dyadic one).
+    ``"qtensor"`` is returned as is (its availability depends on the model:
+    :func:`k2quant.infer.qtensor.qtensor_unsupported`); ``IntTdnnF.set_backend("auto")``
+    prefers it where the model allows."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown integer backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "qtensor":
+        return backend
     if backend == "auto":
         if have_int_mm():
             return "int_mm"
@@ -526,10 +542,19 @@ class IntTdnnF(nn.Module):
         ``compile=True`` (``int_mm`` back end, torch >= 2): fuse each requantisation into one
         loop with ``torch.compile`` (the same integer operations; several times faster than
         the eager op sequence, at the price of a one-off compilation)."""
+        from k2quant.infer.qtensor import QTensorEngine, qtensor_unsupported
+
+        if backend == "auto" and not compile and qtensor_unsupported(self) is None:
+            backend = "qtensor"
         self.backend = resolve_backend(backend)
         if compile and self.backend != "int_mm":
             raise ValueError(f"compile=True needs the int_mm back end, not {self.backend!r}")
         self.compiled = bool(compile)
+        if self.backend == "qtensor":
+            self._qt = QTensorEngine(self)  # raises ValueError if the model cannot use it
+            self._prep = {}
+            return self
+        self._qt = None
         self._prep = {n: _Prepared(L, self.backend, compile) for n, L in self.layers.items()}
         self._off = 0 if self.backend == "fbgemm" else 128
         self._storage = torch.uint8 if self.backend == "fbgemm" else torch.int8
@@ -685,8 +710,11 @@ class IntTdnnF(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, pad: bool = True, return_codes: bool = False):
         """Integer-only forward (see the class docstring). ``return_codes=True`` also returns
-        ``{point: int64 unsigned codes (N, T, C)}`` for every activation point."""
+        ``{point: int64 unsigned codes (N, T, C)}`` for every activation point (qtensor back
+        end: the codes of its own representation, :mod:`k2quant.infer.qtensor`)."""
         x = self._prepare_input(x, pad)
+        if self.backend == "qtensor":
+            return self._qt.forward(x, return_codes)
         codes: Dict[str, torch.Tensor] = {}
         off = self._off
         h = (self.quantize_input(x) - off).to(self._storage)
@@ -738,9 +766,19 @@ class IntTdnnF(nn.Module):
 
     @torch.no_grad()
     def reference_forward(self, x: torch.Tensor, pad: bool = True, return_codes: bool = False):
+        """The simulated integer model of the current back end, equal to :meth:`forward` bit
+        for bit: :meth:`dyadic_reference_forward` for the dyadic back ends, the float32
+        requantisation formulas of :mod:`k2quant.infer.qtensor` for ``qtensor``."""
+        if self.backend == "qtensor":
+            return self._qt.reference_forward(self._prepare_input(x, pad), return_codes)
+        return self.dyadic_reference_forward(x, pad, return_codes)
+
+    @torch.no_grad()
+    def dyadic_reference_forward(self, x: torch.Tensor, pad: bool = True,
+                                 return_codes: bool = False):
         """The simulated integer model: the formulas of the module docstring evaluated
         literally (channels-first, float64 convolution of the integer codes, int64
-        requantisation). Equals :meth:`forward` bit for bit."""
+        requantisation). Equals :meth:`forward` of the dyadic back ends bit for bit."""
         x = self._prepare_input(x, pad)
         codes: Dict[str, torch.Tensor] = {}
         c = self.quantize_input(x).transpose(1, 2)
@@ -873,7 +911,10 @@ class IntTdnnF(nn.Module):
                 bb += 4 * L.out_features
             elif L.B is not None and bool((L.B != 0).any()):
                 bb += 4 * L.out_features
-        eng = sum(P.nbytes() for P in self._prep.values()) + 8 * self.feat_dim
+        if self.backend == "qtensor":
+            eng = self._qt.nbytes() + 8 * self.feat_dim
+        else:
+            eng = sum(P.nbytes() for P in self._prep.values()) + 8 * self.feat_dim
         return {"weight_bytes": wb, "bias_bytes": bb, "engine_bytes": eng}
 
     # ------------------------------------------------------------------ persistence
