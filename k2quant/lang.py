@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from k2quant.utils.deps import import_k2
-from k2quant.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from k2quant.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_trusted
 
 PathLike = Union[str, os.PathLike]
 Lexicon = List[Tuple[str, List[str]]]
@@ -617,11 +617,9 @@ class Lang:
         return out, n
 
     def _load_fsa(self, name: str, device=None):
-        import torch
-
         k2 = import_k2()
         path = self.lang_dir / name
-        fsa = k2.Fsa.from_dict(torch.load(path, map_location="cpu"))
+        fsa = k2.Fsa.from_dict(load_trusted(path))
         return fsa.to(device) if device is not None else fsa
 
     def L(self, device=None):

@@ -62,6 +62,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from k2quant.utils.io import load_trusted
 
 from k2quant.plan import Plan, quantizable_layers, quantize_
 
@@ -216,7 +217,7 @@ def load_fp32_model(model_path: PathLike, avg: int = 1,
     if not p.is_file():
         raise FileNotFoundError(f"model checkpoint {p} not found; give --model EXP/epoch-N.pt "
                                 f"written by 'k2quant train'")
-    ckpt = torch.load(p, map_location="cpu")
+    ckpt = load_trusted(p)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{p} is not a k2quant training checkpoint (no 'model' entry)")
     m = _EPOCH_RE.match(p.name)
@@ -646,7 +647,7 @@ def _last_matching_checkpoint(exp_dir: Path, digest: str,
             found.append((int(m.group(1)), p))
     for epoch, p in sorted(found, reverse=True):
         try:
-            extra = torch.load(p, map_location="cpu").get("extra", {})
+            extra = load_trusted(p).get("extra", {})
         except Exception as e:  # a damaged file: ignore it (atomic writes make this rare)
             log.warning("QAT: cannot read %s (%s); ignoring it", p, e)
             continue

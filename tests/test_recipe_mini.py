@@ -7,7 +7,6 @@ no-op, and that bad options fail clearly.
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time

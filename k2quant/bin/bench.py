@@ -6,7 +6,6 @@ Examples::
     k2quant bench --preset small --preset kaldi_7q --json bench.json
     k2quant bench --backend qtensor --backend fbgemm --repeats 21 --no-compile
 """
-import json
 
 import click
 

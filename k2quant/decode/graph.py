@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 import torch
 
 from k2quant.utils.deps import import_k2, optional_import
-from k2quant.utils.io import PathLike, atomic_torch_save, atomic_write_json, atomic_write_text
+from k2quant.utils.io import PathLike, atomic_torch_save, atomic_write_json, atomic_write_text, load_trusted
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def read_symbol_table(path: PathLike) -> dict:
 def load_fsa(path: PathLike) -> Fsa:
     """Load an FSA saved with ``torch.save(fsa.as_dict())``."""
     k2 = import_k2()
-    d = torch.load(str(path), map_location="cpu")
+    d = load_trusted(path)
     if not isinstance(d, dict) or "arcs" not in d:
         raise ValueError(
             f"{path}: expected a dict from k2.Fsa.as_dict() (with key 'arcs'), got "

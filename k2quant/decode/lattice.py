@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from k2quant.utils.deps import import_k2
-from k2quant.utils.io import PathLike, atomic_torch_save
+from k2quant.utils.io import PathLike, atomic_torch_save, load_trusted
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,7 @@ def load_lattice(path: PathLike, *, words_txt_sha256: Optional[str] = None) -> T
 
     If ``words_txt_sha256`` is given, it must match the file's (else ``ValueError``).
     """
-    k2 = import_k2()
-    d = torch.load(str(path), map_location="cpu")
+    d = load_trusted(path)
     if not isinstance(d, dict) or d.get("format") != LATTICE_FORMAT or "lattice" not in d:
         got = d.get("format") if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"{path}: not a k2quant lattice file (expected format "

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from k2quant.utils.io import atomic_write_json, atomic_write_text
+from k2quant.utils.io import atomic_write_json, atomic_write_text, load_trusted
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def run_decode(
     words_txt = lang_dir_p / "words.txt"
     if not words_txt.is_file():
         raise FileNotFoundError(f"{words_txt} not found; --lang-dir must be a prepared lang dir")
-    cfg = torch.load(checkpoint_path(exp_dir, epoch), map_location="cpu").get("config", {})
+    cfg = load_trusted(checkpoint_path(exp_dir, epoch)).get("config", {})
     opts.utt_cmn = bool(cfg.get("utt_cmn", opts.utt_cmn))
     model = load_averaged_model(exp_dir, epoch, avg, device=str(dev))
     HLG = load_hlg(hlg, device=dev)

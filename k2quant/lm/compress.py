@@ -615,7 +615,6 @@ def qat_finetune(model_q: nn.Module, teacher: Optional[nn.Module], train_ids: Se
 
     if cfg.qat_epochs == 0:
         return []
-    device = _device_of(model_q)
     params = [p for p in model_q.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.qat_lr, betas=(0.9, 0.98), eps=1e-9)
     gq = _general_quantizers(model_q)

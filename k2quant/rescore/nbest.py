@@ -60,7 +60,7 @@ import torch
 
 from k2quant.decode.lattice import fsa_from_dict
 from k2quant.utils.deps import import_k2
-from k2quant.utils.io import PathLike
+from k2quant.utils.io import PathLike, load_trusted
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def read_lattice_file(
     from k2quant.decode.lattice import LATTICE_FORMAT
 
     path = Path(path)
-    d = torch.load(str(path), map_location="cpu")
+    d = load_trusted(path)
     if isinstance(d, dict) and d.get("format") == LATTICE_FORMAT and "lattice" in d:
         meta = {k: v for k, v in d.items() if k != "lattice"}
         meta["has_meta"] = True

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from k2quant.utils.io import atomic_torch_save
+from k2quant.utils.io import atomic_torch_save, load_trusted
 
 PathLike = Union[str, Path]
 
@@ -174,7 +174,7 @@ def load_checkpoint(
             f"checkpoint {path} not found; checkpoints present in {path.parent}: "
             f"{present or 'none'}. Train those epochs first or pick another --epoch/--start-epoch."
         )
-    ckpt = torch.load(path, map_location=map_location)
+    ckpt = load_trusted(path, map_location=map_location)
     if model is not None:
         unwrap_model(model).load_state_dict(ckpt["model"], strict=strict)
     if optimizer is not None:
@@ -258,7 +258,7 @@ def average_checkpoints(paths: Sequence[PathLike], map_location: str = "cpu") ->
     """
     if not paths:
         raise ValueError("average_checkpoints: no checkpoints given")
-    ckpts = [torch.load(p, map_location=map_location) for p in paths]
+    ckpts = [load_trusted(p, map_location=map_location) for p in paths]
     specs = {repr(c.get("model_spec")) for c in ckpts}
     if len(specs) > 1:
         raise ValueError(

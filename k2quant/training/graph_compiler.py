@@ -34,7 +34,7 @@ import torch
 from k2quant.lang import Lang
 from k2quant.lm.ngram import train_ngram
 from k2quant.utils.deps import import_k2, optional_import
-from k2quant.utils.io import atomic_torch_save
+from k2quant.utils.io import atomic_torch_save, load_trusted
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class MmiGraphCompiler:
     @staticmethod
     def load_den_graph(path: PathLike, device=None):
         k2 = import_k2()
-        den = k2.Fsa.from_dict(torch.load(path, map_location="cpu"))
+        den = k2.Fsa.from_dict(load_trusted(path))
         den = den.to(device) if device is not None else den
         den.scores.requires_grad_(False)
         return den

@@ -67,3 +67,15 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def load_trusted(path: PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a file k2quant wrote itself (checkpoints, lattices, graphs).
+
+    torch >= 2.6 loads with ``weights_only=True`` by default, which refuses the numpy RNG state
+    of training checkpoints and k2's ragged tensors. Only use this for files you trust:
+    unpickling runs code.
+    """
+    import torch
+
+    return torch.load(str(path), map_location=map_location, weights_only=False)
