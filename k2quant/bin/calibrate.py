@@ -12,7 +12,9 @@ Writes to ``--out``: ``int_model.pt`` (the integer engine, ``IntTdnnF.load``),
 ``act_ranges.json`` (per-point ranges and bits, with the model spec), ``model.k2q`` (the
 packed weights, when the weights were quantised here or came quantised), ``plan.json`` (if a
 plan was used) and ``calibration.json`` (settings, zero-shot loss history, agreement of the
-integer engine with the float model on the calibration features).
+integer engine with the float model on the calibration features, and ``utt_cmn``: the
+per-utterance mean normalisation the model was trained with, applied to ``--cuts`` features
+here and by ``k2quant decode-int`` when decoding).
 """
 import logging
 import os
@@ -49,19 +51,24 @@ log = logging.getLogger("k2quant.calibrate")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "qtensor", "int_mm", "fbgemm", "float64"]))
 @click.option("--seed", default=0, show_default=True)
+@click.option("--utt-cmn/--no-utt-cmn", default=None,
+              help="Per-utterance mean normalisation of --cuts features (as the training data "
+                   "loader does) [default: from the checkpoint's training config, else on]; "
+                   "recorded in calibration.json for 'k2quant decode-int'.")
 @click.option("--allow-pickle", is_flag=True,
               help="Let torch.load unpickle the checkpoint (training checkpoints store RNG "
                    "state); only for files you trust.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory.")
 def main(model_path, zero_shot, cuts, num_utts, frames, steps, lr, tv_weight, bits, act_bits,
-         plan_path, method, percentile, backend, seed, allow_pickle, out_dir):
+         plan_path, method, percentile, backend, seed, utt_cmn, allow_pickle, out_dir):
     """Calibrate MODEL for integer-only inference and write the integer model."""
     import torch
 
     from k2quant.infer.calibrate import (
         calibrate_model, load_acoustic_model, load_cut_features, point_bits_from_plan,
         synthesize_features)
+    from k2quant.infer.evaluate import DEFAULT_UTT_CMN, checkpoint_utt_cmn
     from k2quant.utils.io import atomic_write_json
 
     if zero_shot == (cuts is not None):
@@ -84,9 +91,18 @@ def main(model_path, zero_shot, cuts, num_utts, frames, steps, lr, tv_weight, bi
             raise click.ClickException("--plan: the model is already quantised; give a float "
                                        "checkpoint or drop --plan")
         plan = Plan.load(plan_path)
+    if utt_cmn is not None:
+        cmn_source = "command line"
+    else:
+        utt_cmn, cmn_source = checkpoint_utt_cmn(model_path, allow_pickle=allow_pickle)
+        if utt_cmn is None:
+            utt_cmn, cmn_source = DEFAULT_UTT_CMN, f"training default ({cmn_source})"
     os.makedirs(out_dir, exist_ok=True)
     info = {"model": os.path.abspath(model_path), "method": method, "act_bits": act_bits,
-            "weight_bits": bits, "plan": plan_path, "seed": seed}
+            "weight_bits": bits, "plan": plan_path, "seed": seed, "utt_cmn": bool(utt_cmn),
+            "utt_cmn_source": cmn_source}
+    if method == "percentile":
+        info["percentile"] = percentile
     torch.manual_seed(seed)
     if zero_shot:
         click.echo(f"synthesising {num_utts} x {frames} frames of calibration features "
@@ -98,10 +114,19 @@ def main(model_path, zero_shot, cuts, num_utts, frames, steps, lr, tv_weight, bi
                    f"{zinfo['final_bn_loss']:.3f} ({zinfo['seconds']:.0f} s)")
     else:
         try:
-            batches = load_cut_features(cuts, num_utts, frames)
+            # whole utterances first: the mean of the per-utterance normalisation is that of
+            # the whole utterance, as in the training data loader
+            batches = load_cut_features(cuts, num_utts, max_frames=10 ** 9)
         except ValueError as e:
             raise click.ClickException(str(e))
+        if utt_cmn:
+            batches = [b - b.mean(dim=1, keepdim=True) for b in batches]
+        batches = [b[:, :frames] for b in batches]
         info["cuts"] = os.path.abspath(cuts)
+        info["num_utts"] = len(batches)
+        info["frames"] = sum(int(b.shape[1]) for b in batches)
+        click.echo(f"calibrating on {len(batches)} utterances ({info['frames']} frames) of "
+                   f"{cuts} (utt_cmn={bool(utt_cmn)}, from {cmn_source})")
     if not quantized:
         plan = plan or Plan(default=LayerConfig(weight_bits=bits))
         float_model = model
