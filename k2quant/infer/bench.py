@@ -208,7 +208,10 @@ def run_benchmark(
     xs = torch.randn(1, stream_frames, feat_dim, generator=g)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(threads))
-    engine, _ = calibrate_model(model, [x[:2]], backend=backends[0])
+    from k2quant.infer.int_engine import resolve_backend
+
+    first = resolve_backend("auto") if backends[0] == "dyadic" else backends[0]
+    engine, _ = calibrate_model(model, [x[:2]], backend=first)
     engines = _engines(engine, backends)
     with torch.no_grad():
         y32 = model(x)
