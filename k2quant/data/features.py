@@ -14,6 +14,10 @@ exists are skipped (the step is a no-op on re-runs); delete ``cuts_{split}.jsonl
 """
 
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -37,6 +41,44 @@ def available_splits(manifest_dir: PathLike, prefix: str) -> List[str]:
             found.append(split)
     order = {"train": 0, "dev": 1, "test": 2}
     return sorted(found, key=lambda s: (order.get(s, 3), s))
+
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _init_worker() -> None:
+    """Feature workers compute one cut at a time: one intra-op and one inter-op torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (parallel work happened before); harmless
+        pass
+
+
+@contextmanager
+def _worker_pool(num_jobs: int):
+    """A ``spawn`` process pool whose workers run single-threaded (see :func:`compute_fbank`).
+
+    ``OMP_NUM_THREADS`` & co. are 1 while the pool exists (workers are started lazily and inherit
+    the environment at spawn), so OpenMP/MKL in a worker never starts a bigger thread pool; the
+    initializer also calls ``torch.set_num_threads(1)``. On exit the pool is shut down (waiting
+    for its workers) and the parent's environment is restored.
+    """
+    saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+    os.environ.update({k: "1" for k in _THREAD_ENV})
+    try:
+        with ProcessPoolExecutor(
+            num_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        ) as executor:
+            yield executor
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _storage_writer(storage: str):
@@ -84,7 +126,12 @@ def compute_fbank(
       num_mel_bins: feature dimension C.
       num_jobs: worker processes for feature extraction; at most one per
         :data:`CUTS_PER_JOB` cuts are used (starting a worker costs seconds, more than it saves
-        on a small split).
+        on a small split; the log says when fewer workers than asked are used). Workers are
+        started with the ``spawn`` method (never ``fork``, which can deadlock a child that
+        inherits a locked OpenMP/torch thread pool) and run with one torch/OpenMP thread each,
+        so ``num_jobs`` workers use ``num_jobs`` cores. A script that calls this with
+        ``num_jobs > 1`` needs an ``if __name__ == "__main__":`` guard (spawned workers
+        re-import the main module).
       speed_perturb: add 0.9x/1.1x copies of the ``train`` split.
       validate: load every feature matrix once and :func:`check_features` it.
       storage: ``"lilcom"`` (``LilcomChunkyWriter``, needs the lilcom package), ``"numpy"``
@@ -145,13 +192,33 @@ def compute_fbank(
             )
             cuts = cuts.to_eager()
             jobs = max(1, min(num_jobs, -(-len(cuts) // CUTS_PER_JOB)))
-            cuts = cuts.compute_and_store_features(
-                extractor=extractor,
-                storage_path=output_dir / f"feats_{split}",
-                num_jobs=jobs if jobs > 1 else None,
-                storage_type=writer,
-                progress_bar=False,
-            )
+            if jobs < num_jobs:
+                log.info(
+                    "%s: %d cut(s), so %d worker process(es) instead of %d (one per %d cuts)",
+                    split,
+                    len(cuts),
+                    jobs,
+                    num_jobs,
+                    CUTS_PER_JOB,
+                )
+            if jobs == 1:
+                cuts = cuts.compute_and_store_features(
+                    extractor=extractor,
+                    storage_path=output_dir / f"feats_{split}",
+                    num_jobs=1,
+                    storage_type=writer,
+                    progress_bar=False,
+                )
+            else:
+                with _worker_pool(jobs) as executor:
+                    cuts = cuts.compute_and_store_features(
+                        extractor=extractor,
+                        storage_path=output_dir / f"feats_{split}",
+                        num_jobs=jobs,
+                        executor=executor,
+                        storage_type=writer,
+                        progress_bar=False,
+                    )
             if validate:
                 for cut in cuts:
                     check_features(cut, cut.load_features())

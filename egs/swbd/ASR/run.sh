@@ -39,7 +39,11 @@ stop_stage=100
 swbd_audio_dir=       # LDC97S62
 swbd_trans_dir=       # swb_ms98_transcriptions
 eval2000_dir=         # LDC2002S09/LDC2002T43 root
+swbd_lexicon=         # default: $swbd_trans_dir/swb_ms98_transcriptions/sw-ms98-dict.text
 num_dev_utts=4000
+dev_split=first       # first: Kaldi's train_dev; conversations: whole held-out conversations
+dev_seed=0            # used by --dev-split conversations only
+max_dup_utts=300      # Kaldi's train_nodup
 speed_perturb=true
 feat_dim=40           # mel bins: 40 as Kaldi's hires features for 8 kHz telephone speech
 num_jobs=1
@@ -63,6 +67,8 @@ exp_dir=exp
 help_message="Usage: $0 --swbd-audio-dir DIR --swbd-trans-dir DIR --eval2000-dir DIR [options]
   --stage N / --stop-stage N   run stages N..M (0 manifests, 1 fbank, 2 lang, 3 LM + HLG,
                                4 train, 5 decode, 6 score)
+  --swbd-lexicon FILE  --num-dev-utts N [$num_dev_utts]  --dev-split first|conversations [$dev_split]
+  --max-dup-utts N [$max_dup_utts] (0: keep all)
   --world-size N [$world_size]  --num-epochs N [$num_epochs]  --max-duration S [$max_duration]
   --model-preset P [$model_preset]  --model-config JSON  --avg K [$avg]  --device D [$device]"
 . "$top/local/parse_options.sh"
@@ -78,18 +84,20 @@ if run_stage 0 "Switchboard + eval2000 manifests, lexicon, dev split" "$manifest
   for v in swbd_audio_dir swbd_trans_dir eval2000_dir; do
     [ -n "${!v}" ] && [ -d "${!v}" ] || die "--${v//_/-} is required and must be a directory (got '${!v}')"
   done
-  if ! "$k2quant" prepare-swbd --help >/dev/null 2>&1; then
-    die "this k2quant has no 'prepare-swbd' command (Switchboard text normalisation, the MS-98 lexicon and Kaldi's 4000-utterance dev split); it is needed for this recipe"
-  fi
   # -> swbd_{recordings,supervisions}_{train,dev,eval2000}.jsonl.gz and swbd_lexicon.txt
   # (lhotse's prepare_switchboard / prepare_eval2000, Kaldi swbd1_data_prep-style text
-  # normalisation, MS-98 lexicon with [noise]/[laughter]/[vocalized-noise] -> NSN/LAU/SPN)
+  # normalisation, MS-98 lexicon with [noise]/[laughter]/[vocalized-noise] -> NSN/LAU/SPN,
+  # dev = Kaldi's train_dev, train = Kaldi's train_nodup; see k2quant/data/swbd.py)
   "$k2quant" prepare-swbd --audio-dir "$swbd_audio_dir" --transcripts-dir "$swbd_trans_dir" \
-    --eval2000-dir "$eval2000_dir" --output-dir "$manifests" --num-dev-utts "$num_dev_utts"
+    --eval2000-dir "$eval2000_dir" ${swbd_lexicon:+--lexicon "$swbd_lexicon"} \
+    --output-dir "$manifests" --num-dev-utts "$num_dev_utts" --dev-split "$dev_split" \
+    --seed "$dev_seed" --max-dup-utts "$max_dup_utts"
   mark_done "$manifests/.stage0.done"
 fi
 
 if run_stage 1 "${feat_dim}-dim fbank (8 kHz; speed perturbation $speed_perturb)" "$fbank/.stage1.done"; then
+  # lhotse decodes LDC's shorten-compressed SPHERE only through the sph2pipe binary
+  command -v sph2pipe >/dev/null || die "sph2pipe must be on PATH to read the Switchboard .sph audio (Kaldi's tools/sph2pipe or 'lhotse install-sph2pipe')"
   sp_flag=--no-speed-perturb
   [ "$speed_perturb" = true ] && sp_flag=--speed-perturb
   "$k2quant" compute-fbank --manifest-dir "$manifests" --prefix swbd --output-dir "$fbank" \
