@@ -23,31 +23,8 @@ from k2quant.decode.lattice import (  # noqa: E402
 )
 from k2quant.lang import Lang, prepare_lang  # noqa: E402
 
-# "A" is a prefix of "B" (needs lexicon disambiguation #1); no word sequence below has two
-# segmentations into words.
-LEXICON = [("A", ["a", "b"]), ("B", ["a", "b", "c"]), ("C", ["c", "a"])]
-
-# A bigram with explicit A->C, C->B, B-></s>; everything else via back-off.
-ARPA = """\
-\\data\\
-ngram 1=5
-ngram 2=4
-
-\\1-grams:
--0.69897 </s>
--99 <s> -0.30103
--0.60206 A -0.30103
--0.60206 B -0.30103
--0.60206 C -0.30103
-
-\\2-grams:
--0.30103 <s> A
--0.30103 A C
--0.30103 C B
--0.30103 B </s>
-
-\\end\\
-"""
+from helpers import TINY_ARPA as ARPA  # noqa: E402
+from helpers import TINY_LEXICON as LEXICON  # noqa: E402
 
 
 def _write_lm(tmp_path):

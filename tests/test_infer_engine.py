@@ -14,24 +14,17 @@ from k2quant.infer.qtensor import have_qtensor
 from k2quant.infer.streaming import chunked_forward
 from k2quant.models.tdnnf import TdnnF, get_preset
 
+from helpers import fbank_like
+
 FEAT = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CI box has 2 shared cores; 1 thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def speech_like(n, t, seed):
     """Stationary, temporally smooth, fbank-like random features (N, T, FEAT)."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, FEAT, t + 8, generator=g)
-    smooth = torch.nn.functional.avg_pool1d(noise, 9, stride=1) * 3.0  # ~unit variance
-    return (smooth.transpose(1, 2) * 2.0 + torch.linspace(-5, 3, FEAT)).contiguous()
+    return fbank_like(n, t, seed, FEAT)
 
 
 def make_model(seed=0, hidden=96, strides=None, **kw):

@@ -18,44 +18,15 @@ from k2quant.infer.evaluate import (
     resolve_utt_cmn,
 )
 
+from helpers import TINY_ARPA as ARPA
+from helpers import TINY_LEXICON as LEXICON
+from helpers import fbank_like
+
 FEAT = 20
-LEXICON = [("A", ["a", "b"]), ("B", ["a", "b", "c"]), ("C", ["c", "a"])]
-ARPA = """\
-\\data\\
-ngram 1=5
-ngram 2=4
-
-\\1-grams:
--0.69897 </s>
--99 <s> -0.30103
--0.60206 A -0.30103
--0.60206 B -0.30103
--0.60206 C -0.30103
-
-\\2-grams:
--0.30103 <s> A
--0.30103 A C
--0.30103 C B
--0.30103 B </s>
-
-\\end\\
-"""
 TEXTS = ["A C B", "B", "C A", "A", "C C", "B A C"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def fbank_like(n, t, seed, feat_dim=FEAT):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, feat_dim, t + 8, generator=g)
-    smooth = torch.nn.functional.avg_pool1d(noise, 9, stride=1) * 3.0
-    return (smooth.transpose(1, 2) * 2.0 + torch.linspace(-5, 3, feat_dim)).contiguous()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_cuts(d, feat_dim=FEAT, texts=TEXTS, name="cuts_dev.jsonl.gz"):
@@ -109,7 +80,7 @@ def setup(tmp_path_factory):
     model.set_dropout_proportion(0.0)
     with torch.no_grad():
         for i in range(10):
-            x = fbank_like(4, 120, i)
+            x = fbank_like(4, 120, i, FEAT)
             model(x - x.mean(dim=1, keepdim=True))  # utt_cmn'd, as the data loader does
     model.eval()
     exp = tmp / "exp"

@@ -1,7 +1,6 @@
 """Transformer LM, LM text handling, training with perplexity and resume (no k2 needed)."""
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -23,17 +22,7 @@ from k2quant.models.transformer_lm import (
     load_lm,
 )
 
-WORDS = "zero one two three four five six seven eight nine".split()
-
-
-def counting_text(n, seed):
-    """Sentences of 3..6 consecutive number words (mod 10): very predictable after word 1."""
-    r = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        k, L = r.randrange(10), r.randint(3, 6)
-        lines.append(" ".join(WORDS[(k + i) % 10] for i in range(L)))
-    return "\n".join(lines) + "\n"
+from helpers import counting_text
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ A tiny word LM trained for a few seconds on toy text; no k2 needed.
 import json
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -27,17 +26,7 @@ from k2quant.models.transformer_lm import TransformerLM, TransformerLMConfig, lo
 from k2quant.plan import LayerConfig, Plan, quantizable_layers, quantize_
 from k2quant.training.checkpoint import save_checkpoint
 
-WORDS = "zero one two three four five six seven eight nine".split()
-
-
-def counting_text(n, seed):
-    """Sentences of 3..6 consecutive number words (mod 10): predictable after the first."""
-    r = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        k, L = r.randrange(10), r.randint(3, 6)
-        lines.append(" ".join(WORDS[(k + i) % 10] for i in range(L)))
-    return "\n".join(lines) + "\n"
+from helpers import counting_text
 
 
 @pytest.fixture(scope="module")

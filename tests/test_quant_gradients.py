@@ -8,13 +8,7 @@ from k2quant.quant import grad_scale, make_quantizer, round_ste, straight_throug
 from k2quant.quant.general import mu_law_centroids, soft_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors: one intra-op thread avoids OpenMP oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def randn(*shape, seed=0, dtype=torch.float32):

@@ -8,13 +8,7 @@ from k2quant.quant import SAWB_COEFFICIENTS, make_quantizer
 from k2quant.quant.sawb import SAWB_PUBLISHED, fit_sawb_coefficients
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors: one intra-op thread avoids OpenMP oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def test_binary_per_tensor():

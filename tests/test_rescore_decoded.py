@@ -18,26 +18,9 @@ from k2quant.rescore.nbest import (  # noqa: E402
     rescore_lattices,
 )
 
-LEXICON = [("A", ["a", "b"]), ("B", ["a", "b", "c"]), ("C", ["c", "a"])]
-ARPA = """\\data\\
-ngram 1=5
-ngram 2=4
+from helpers import TINY_ARPA as ARPA  # noqa: E402
+from helpers import TINY_LEXICON as LEXICON  # noqa: E402
 
-\\1-grams:
--0.69897 </s>
--99 <s> -0.30103
--0.60206 A -0.30103
--0.60206 B -0.30103
--0.60206 C -0.30103
-
-\\2-grams:
--0.30103 <s> A
--0.30103 A C
--0.30103 C B
--0.30103 B </s>
-
-\\end\\
-"""
 UTTS = [["A", "C", "B"], ["C", "A"], ["B", "B", "C"]]
 
 

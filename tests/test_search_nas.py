@@ -35,12 +35,7 @@ from k2quant.search.nas import (
 SEARCHED = ["sensitive", "quiet1", "quiet2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Branches(nn.Module):

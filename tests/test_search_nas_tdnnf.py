@@ -14,12 +14,7 @@ from k2quant.search.nas import MixedPrecisionSupernet, search_mixed_precision
 from test_search_nas import _fd_check, _quantized_size, metadata_bytes  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tdnnf(num_classes: int = 12, seed: int = 0) -> TdnnF:

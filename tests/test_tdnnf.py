@@ -30,13 +30,7 @@ FEAT = 80
 NCLS = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 cores shared by many jobs: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ See :mod:`k2quant.compress`; tabulate several runs with ``k2quant report``.
 """
 import click
 
+from k2quant.bin.common import num_threads_option
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", required=True, type=click.Path(dir_okay=False),
@@ -68,8 +70,7 @@ import click
 @click.option("--lm-scale", default=1.0, show_default=True, type=float)
 @click.option("--tag", default=None, help="System name in the report.")
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--num-threads", default=0, show_default=True, type=int,
-              help="torch intra-op threads (0: torch's default).")
+@num_threads_option
 def main(model, avg, lang_dir, cuts, dev_cuts, out_dir, method, budget, ratio, size_bytes,
          subspace, bits, dims, min_bits, quantizer, plan_path, dims_path, sens_utts,
          sens_samples, sensitivity_cache, nas_steps, nas_lr_alpha, qat_epochs, qat_lr,

@@ -14,6 +14,8 @@ fp32 go to ``OUT_DIR/summary.json`` (see :mod:`k2quant.lm.compress`).
 """
 import click
 
+from k2quant.bin.common import num_threads_option
+
 
 def _parse_bits(text: str):
     try:
@@ -78,8 +80,7 @@ def _parse_layer_bits(values, flag: str):
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
               show_default=True)
-@click.option("--num-threads", default=0, show_default=True, type=int,
-              help="torch intra-op threads (0: torch's default).")
+@num_threads_option
 def main(lm_path, train_text, valid_text, out_dir, avg_bits, ratio, size_bytes, bits, method,
          uniform_bits, quantizer, granularity, min_bits, max_bits, qat_epochs, qat_lr, distill,
          max_tokens, sens_sentences, nas_steps, text_format, seed, device, num_threads):

@@ -12,6 +12,8 @@ line is printed last, prefixed with ``WER``.
 """
 import click
 
+from k2quant.bin.common import beam_options, decode_input_options, num_threads_option
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--exp-dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -19,10 +21,7 @@ import click
 @click.option("--epoch", required=True, type=int, help="Last epoch to use.")
 @click.option("--avg", default=1, show_default=True, type=int,
               help="Average epochs epoch-avg+1 .. epoch.")
-@click.option("--lang-dir", required=True, type=click.Path(file_okay=False),
-              help="Lang dir (words.txt, HLG.pt).")
-@click.option("--cuts", "cuts_path", required=True, type=click.Path(dir_okay=False),
-              help="CutSet with features to decode (e.g. cuts_dev.jsonl.gz).")
+@decode_input_options
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False),
               help="Where to write hyps, errors and WER.")
 @click.option("--hlg", "hlg_path", default=None, type=click.Path(dir_okay=False),
@@ -31,19 +30,13 @@ import click
               help="Decoding method (n-best rescoring is 'k2quant rescore').")
 @click.option("--lm-scale", "lm_scales", multiple=True, type=float, default=(1.0,),
               show_default=True, help="LM scale(s) for the 1-best path; repeatable.")
-@click.option("--search-beam", default=20.0, show_default=True, type=float)
-@click.option("--output-beam", default=8.0, show_default=True, type=float)
-@click.option("--min-active-states", default=30, show_default=True, type=int)
-@click.option("--max-active-states", default=10000, show_default=True, type=int)
-@click.option("--max-duration", default=300.0, show_default=True, type=float,
-              help="Seconds of audio per batch.")
+@beam_options
 @click.option("--save-lattices", is_flag=True,
               help="Also save one lattice per utterance (OUT_DIR/lattices-TAG/<cut>.pt).")
 @click.option("--tag", default=None, help="Name of the output files [default: SPLIT-epoch-N-avg-K].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-@click.option("--num-threads", default=0, show_default=True, type=int,
-              help="torch intra-op threads (0: torch's default).")
+@num_threads_option
 def main(exp_dir, epoch, avg, lang_dir, cuts_path, out_dir, hlg_path, method, lm_scales,
          search_beam, output_beam, min_active_states, max_active_states, max_duration,
          save_lattices, tag, device, num_threads):

@@ -19,14 +19,13 @@ model was trained with, read from ``calibration.json`` or the calibrated checkpo
 """
 import click
 
+from k2quant.bin.common import beam_options, decode_input_options, num_threads_option
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--int-model", required=True, type=click.Path(exists=True),
               help="'k2quant calibrate' output directory, or its int_model.pt.")
-@click.option("--lang-dir", required=True, type=click.Path(file_okay=False),
-              help="Lang dir (words.txt, HLG.pt).")
-@click.option("--cuts", "cuts_path", required=True, type=click.Path(dir_okay=False),
-              help="CutSet with features to decode (e.g. cuts_dev.jsonl.gz).")
+@decode_input_options
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False),
               help="Where to write hyps, errors, WER and the summary.")
 @click.option("--backend", default="auto", show_default=True,
@@ -45,12 +44,7 @@ import click
               help="Decoding graph [default: LANG_DIR/HLG.pt].")
 @click.option("--lm-scale", "lm_scales", multiple=True, type=float, default=(1.0,),
               show_default=True, help="LM scale(s); the first is the primary one.")
-@click.option("--search-beam", default=20.0, show_default=True, type=float)
-@click.option("--output-beam", default=8.0, show_default=True, type=float)
-@click.option("--min-active-states", default=30, show_default=True, type=int)
-@click.option("--max-active-states", default=10000, show_default=True, type=int)
-@click.option("--max-duration", default=300.0, show_default=True, type=float,
-              help="Seconds of audio per batch.")
+@beam_options
 @click.option("--utt-cmn/--no-utt-cmn", default=None,
               help="Force the per-utterance mean normalisation [default: as in training].")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
@@ -59,8 +53,7 @@ import click
 @click.option("--max-wer-increase", default=0.5, show_default=True, type=float,
               help="Acceptance: tolerated absolute WER increase over the baseline (percent).")
 @click.option("--tag", default=None, help="Name of the output files [default: SPLIT-int].")
-@click.option("--num-threads", default=0, show_default=True, type=int,
-              help="torch intra-op threads (0: torch's default).")
+@num_threads_option
 def main(int_model, lang_dir, cuts_path, out_dir, backend, baseline_errors, float_model,
          allow_pickle, hlg_path, lm_scales,
          search_beam, output_beam, min_active_states, max_active_states, max_duration, utt_cmn,

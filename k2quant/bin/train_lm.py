@@ -13,6 +13,8 @@ Writes ``EXP_DIR/epoch-N.pt`` (usable with ``k2quant eval-lm --lm`` and ``k2quan
 """
 import click
 
+from k2quant.bin.common import num_threads_option
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--train-text", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -46,8 +48,7 @@ import click
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-@click.option("--num-threads", default=0, show_default=True, type=int,
-              help="torch intra-op threads (0: torch's default).")
+@num_threads_option
 def main(train_text, valid_text, exp_dir, unit, text_format, bpe_vocab_size, min_count, preset,
          num_layers, d_model, num_heads, dim_feedforward, dropout, num_epochs, start_epoch, lr,
          warmup_steps, max_tokens, grad_clip, seed, device, num_threads):

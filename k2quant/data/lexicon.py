@@ -13,6 +13,7 @@ the AN4 phone set (CMUdict ARPAbet without stress marks, 33 phones + ``SIL``) pl
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Set, Tuple, Union
 
+from k2quant.lang import read_lexicon as _lang_read_lexicon
 from k2quant.utils.io import PathLike, atomic_write_text
 
 SIL_WORD = "<sil>"
@@ -31,6 +32,9 @@ Lexicon = List[Tuple[str, List[str]]]
 def read_lexicon(path: PathLike) -> Lexicon:
     """Read a Kaldi-format lexicon: a list of ``(word, [phone, ...])`` in file order.
 
+    :func:`k2quant.lang.read_lexicon` (which also reads ``lexiconp.txt`` and Sphinx ``.dic``
+    forms) after checking that the file exists.
+
     Raises:
       FileNotFoundError: if ``path`` does not exist.
       ValueError: on a line with a word but no phones (naming the file and line).
@@ -38,18 +42,7 @@ def read_lexicon(path: PathLike) -> Lexicon:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"lexicon file {path} does not exist")
-    lexicon: Lexicon = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) < 2:
-                raise ValueError(
-                    f"{path}:{lineno}: expected 'WORD PHONE [PHONE ...]', got {line.strip()!r}"
-                )
-            lexicon.append((fields[0], fields[1:]))
-    return lexicon
+    return _lang_read_lexicon(path)
 
 
 def write_lexicon(path: PathLike, lexicon: Iterable[Tuple[str, Sequence[str]]]) -> None:

@@ -157,6 +157,45 @@ def read_words_table(path: Path) -> Dict[int, str]:
     return id2word
 
 
+def graph_files(lang_dir: Any, hlg_path: Optional[Any], build_hint: str):
+    """``(HLG path, words.txt path)`` of ``lang_dir`` (``hlg_path`` overrides the graph);
+    ``FileNotFoundError`` if either is missing (``build_hint``: how to build the graph)."""
+    lang_dir_p = Path(lang_dir)
+    hlg = Path(hlg_path) if hlg_path else lang_dir_p / "HLG.pt"
+    if not hlg.is_file():
+        raise FileNotFoundError(
+            f"decoding graph {hlg} not found; build it with {build_hint} or pass --hlg")
+    words_txt = lang_dir_p / "words.txt"
+    if not words_txt.is_file():
+        raise FileNotFoundError(f"{words_txt} not found; --lang-dir must be a prepared lang dir")
+    return hlg, words_txt
+
+
+def score_and_write(res: DecodeResult, out: Path, tag: str, lm_scales: Sequence[float],
+                    extra: Dict[str, Any]) -> None:
+    """Score ``res`` per LM scale (filling ``res.wer``) and write into ``out`` the reference,
+    and per scale the hyps, per-utterance errors, error report and ``wer-NAME.json`` (the WER
+    dict, ``lm_scale`` and ``extra``), then ``wer-summary-TAG.txt``. NAME is ``tag`` for the
+    first scale, ``TAG-lm_scale_S`` for the others."""
+    from k2quant.scoring import compute_wer, write_error_report, write_hyps, write_per_utt_errors
+
+    write_hyps(res.refs, out / f"ref-{tag}.txt")
+    lines = []
+    for i, s in enumerate(lm_scales):
+        name = tag if i == 0 else f"{tag}-lm_scale_{s:g}"
+        hyps = res.hyps[s]
+        wer = compute_wer(res.refs, hyps)
+        res.wer[s] = wer
+        write_hyps(hyps, out / f"hyps-{name}.txt")
+        write_per_utt_errors(wer, out / f"per_utt-{name}.tsv")
+        write_error_report(wer, res.refs, hyps, out / f"errs-{name}.txt")
+        d = wer.to_dict()
+        d.update({"lm_scale": s, **extra})
+        atomic_write_json(out / f"wer-{name}.json", d)
+        lines.append(f"{name}\tlm_scale {s:g}\t{wer.summary()}")
+    atomic_write_text(out / f"wer-summary-{tag}.txt", "\n".join(lines) + "\n")
+
+
 def run_decode(
     exp_dir: str,
     epoch: int,
@@ -177,7 +216,6 @@ def run_decode(
     Returns the :class:`DecodeResult` (``wer[lm_scale]`` are :class:`k2quant.scoring.WerResult`).
     """
     from k2quant.decode.graph import load_hlg
-    from k2quant.scoring import compute_wer, write_error_report, write_hyps, write_per_utt_errors
     from k2quant.training.checkpoint import checkpoint_path, load_averaged_model
     from k2quant.training.dataset import load_cuts
 
@@ -185,16 +223,9 @@ def run_decode(
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    lang_dir_p = Path(lang_dir)
-    hlg = Path(hlg_path) if hlg_path else lang_dir_p / "HLG.pt"
-    if not hlg.is_file():
-        raise FileNotFoundError(
-            f"decoding graph {hlg} not found; build it with 'k2quant compile-hlg --lang-dir "
-            f"{lang_dir} --arpa WORD_LM.arpa' (the recipe's LM stage) or pass --hlg"
-        )
-    words_txt = lang_dir_p / "words.txt"
-    if not words_txt.is_file():
-        raise FileNotFoundError(f"{words_txt} not found; --lang-dir must be a prepared lang dir")
+    hlg, words_txt = graph_files(
+        lang_dir, hlg_path,
+        f"'k2quant compile-hlg --lang-dir {lang_dir} --arpa WORD_LM.arpa' (the recipe's LM stage)")
     cfg = load_trusted(checkpoint_path(exp_dir, epoch)).get("config", {})
     opts.utt_cmn = bool(cfg.get("utt_cmn", opts.utt_cmn))
     model = load_averaged_model(exp_dir, epoch, avg, device=str(dev))
@@ -208,23 +239,10 @@ def run_decode(
              cuts_path, exp_dir, epoch, avg, hlg, list(opts.lm_scales))
     res = decode_cuts(model, HLG, cuts, read_words_table(words_txt), opts, device=dev,
                       lattice_dir=lat_dir, words_txt=words_txt)
-    write_hyps(res.refs, out / f"ref-{tag}.txt")
-    lines = []
-    for i, s in enumerate(opts.lm_scales):
-        name = tag if i == 0 else f"{tag}-lm_scale_{s:g}"
-        hyps = res.hyps[s]
-        wer = compute_wer(res.refs, hyps)
-        res.wer[s] = wer
-        write_hyps(hyps, out / f"hyps-{name}.txt")
-        write_per_utt_errors(wer, out / f"per_utt-{name}.tsv")
-        write_error_report(wer, res.refs, hyps, out / f"errs-{name}.txt")
-        d = wer.to_dict()
-        d.update({"lm_scale": s, "epoch": epoch, "avg": avg, "cuts": str(cuts_path),
-                  "exp_dir": str(exp_dir), "decode_seconds": round(res.seconds, 2),
-                  "real_time_factor": round(res.seconds / max(res.audio_seconds, 1e-9), 4)})
-        atomic_write_json(out / f"wer-{name}.json", d)
-        lines.append(f"{name}\tlm_scale {s:g}\t{wer.summary()}")
-    atomic_write_text(out / f"wer-summary-{tag}.txt", "\n".join(lines) + "\n")
+    score_and_write(res, out, tag, opts.lm_scales, {
+        "epoch": epoch, "avg": avg, "cuts": str(cuts_path), "exp_dir": str(exp_dir),
+        "decode_seconds": round(res.seconds, 2),
+        "real_time_factor": round(res.seconds / max(res.audio_seconds, 1e-9), 4)})
     log.info("decoded %.1f s of audio in %.1f s (RTF %.3f)", res.audio_seconds, res.seconds,
              res.seconds / max(res.audio_seconds, 1e-9))
     return res

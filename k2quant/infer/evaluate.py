@@ -328,22 +328,20 @@ def decode_int(
     import time
 
     from k2quant.decode.graph import check_hlg, load_hlg
-    from k2quant.decode.run import DecodeOptions, decode_cuts, read_words_table
-    from k2quant.scoring import compute_wer, write_error_report, write_hyps, write_per_utt_errors
+    from k2quant.decode.run import (
+        DecodeOptions,
+        decode_cuts,
+        graph_files,
+        read_words_table,
+        score_and_write,
+    )
     from k2quant.training.dataset import load_cuts
-    from k2quant.utils.io import atomic_write_json, atomic_write_text
+    from k2quant.utils.io import atomic_write_json
 
     opts = opts or DecodeOptions()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    lang_dir_p = Path(lang_dir)
-    hlg = Path(hlg_path) if hlg_path else lang_dir_p / "HLG.pt"
-    if not hlg.is_file():
-        raise FileNotFoundError(
-            f"decoding graph {hlg} not found; build it with 'k2quant compile-hlg' or pass --hlg")
-    words_txt = lang_dir_p / "words.txt"
-    if not words_txt.is_file():
-        raise FileNotFoundError(f"{words_txt} not found; --lang-dir must be a prepared lang dir")
+    hlg, words_txt = graph_files(lang_dir, hlg_path, "'k2quant compile-hlg'")
     if not Path(cuts_path).is_file():
         raise FileNotFoundError(f"cuts {cuts_path} not found")
     if baseline_errors is not None and not Path(baseline_errors).is_file():
@@ -371,25 +369,9 @@ def decode_int(
     res = decode_cuts(engine, HLG, cuts, read_words_table(words_txt), opts,
                       device=torch.device("cpu"), progress=progress)
     wall = time.time() - t0
-    write_hyps(res.refs, out / f"ref-{tag}.txt")
-    lines = []
-    primary = None
-    for i, s in enumerate(opts.lm_scales):
-        name = tag if i == 0 else f"{tag}-lm_scale_{s:g}"
-        hyps = res.hyps[s]
-        wer = compute_wer(res.refs, hyps)
-        res.wer[s] = wer
-        write_hyps(hyps, out / f"hyps-{name}.txt")
-        write_per_utt_errors(wer, out / f"per_utt-{name}.tsv")
-        write_error_report(wer, res.refs, hyps, out / f"errs-{name}.txt")
-        d = wer.to_dict()
-        d.update({"lm_scale": s, "int_model": str(model_file), "backend": engine.backend,
-                  "cuts": str(cuts_path)})
-        atomic_write_json(out / f"wer-{name}.json", d)
-        lines.append(f"{name}\tlm_scale {s:g}\t{wer.summary()}")
-        if i == 0:
-            primary = wer
-    atomic_write_text(out / f"wer-summary-{tag}.txt", "\n".join(lines) + "\n")
+    score_and_write(res, out, tag, opts.lm_scales, {
+        "int_model": str(model_file), "backend": engine.backend, "cuts": str(cuts_path)})
+    primary = res.wer[opts.lm_scales[0]]
     summary: Dict[str, Any] = {
         "tag": tag,
         "int_model": str(model_file),

@@ -677,23 +677,6 @@ def qat_finetune(model_q: nn.Module, teacher: Optional[nn.Module], train_ids: Se
 # =============================================================================================
 # Entry point
 # =============================================================================================
-def _pick_device(kind: str) -> torch.device:
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
-    if kind in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _file_log(out_dir: Path) -> logging.Handler:
-    (out_dir / "log").mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(out_dir / "log" / "log-compress-lm.txt", encoding="utf-8")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
-    h.setLevel(logging.INFO)
-    logging.getLogger("k2quant").addHandler(h)
-    return h
-
-
 def _sample(ids: Sequence[Sequence[int]], n: int, seed: int) -> List[Sequence[int]]:
     if len(ids) <= n:
         return list(ids)
@@ -742,7 +725,7 @@ def compress_lm(
       ValueError: bad settings or an impossible budget (with the feasible range).
     """
     from k2quant.export import save_packed, size_table
-    from k2quant.lm.train import evaluate_perplexity
+    from k2quant.lm.train import _logged_run, _pick_device, evaluate_perplexity
     from k2quant.models.transformer_lm import TransformerLM, load_lm
 
     if avg_bits is None and ratio is None and size_bytes is None and not (
@@ -759,17 +742,9 @@ def compress_lm(
     lm_checkpoint = Path(lm_checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_log(out_dir)
-    pkg_log = logging.getLogger("k2quant")
-    prev_level = pkg_log.level
-    if pkg_log.getEffectiveLevel() > logging.INFO:
-        pkg_log.setLevel(logging.INFO)
-    prev_threads = torch.get_num_threads()
     t_start = time.time()
-    try:
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
-        device = _pick_device(cfg.device)
+    with _logged_run(out_dir, "log-compress-lm.txt", cfg.num_threads):
+        device = _pick_device(cfg.device, cpu_hint="use device='cpu'")
         log.info("compress-lm: %s -> %s; config %s", lm_checkpoint, out_dir,
                  json.dumps(cfg.to_dict(), sort_keys=True))
         fp32 = load_lm(lm_checkpoint, device=device)
@@ -879,8 +854,3 @@ def compress_lm(
                  summary["size"]["ratio"], fp32_bytes, info["avg_bits"], fp32_ppl["ppl"],
                  packed_ppl["ppl"], 100 * summary["quantized"]["ppl_rel_change"])
         return summary
-    finally:
-        torch.set_num_threads(prev_threads)
-        pkg_log.setLevel(prev_level)
-        pkg_log.removeHandler(handler)
-        handler.close()

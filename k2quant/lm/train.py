@@ -32,6 +32,7 @@ the other 98 held out). Larger corpora want larger batches (``max_tokens`` 4000+
 Multi-GPU (DDP) training is not implemented: LMs for the corpora here train in minutes on one
 device (``device="auto"`` picks CUDA when available).
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,7 +40,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -188,21 +189,39 @@ def eval_lm(lm_path, text_path, *, text_format: str = "plain", max_tokens: int =
 # -------------------------------------------------------------------------------- training
 
 
-def _pick_device(kind: str) -> torch.device:
+def _pick_device(kind: str, cpu_hint: str = "use --device cpu") -> torch.device:
+    """``"auto"``/``"cpu"``/``"cuda"`` -> a device (shared with :mod:`k2quant.lm.compress`)."""
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+        raise ValueError(f"device 'cuda' requested but CUDA is not available; {cpu_hint}")
     if kind in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def _setup_file_log(exp_dir: Path) -> logging.Handler:
-    (exp_dir / "log").mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(exp_dir / "log" / "log-train-lm.txt", encoding="utf-8")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
-    h.setLevel(logging.INFO)
-    logging.getLogger("k2quant").addHandler(h)
-    return h
+@contextlib.contextmanager
+def _logged_run(out_dir: Path, log_name: str, num_threads: int) -> Iterator[None]:
+    """Log the ``k2quant`` package at INFO (at least) to ``out_dir/log/log_name`` and use
+    ``num_threads`` torch threads (if > 0) for the body; restores both afterwards. Shared by
+    :func:`train_lm` and :func:`k2quant.lm.compress.compress_lm`."""
+    (out_dir / "log").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "log" / log_name, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    handler.setLevel(logging.INFO)
+    pkg_log = logging.getLogger("k2quant")
+    pkg_log.addHandler(handler)
+    prev_level = pkg_log.level
+    if pkg_log.getEffectiveLevel() > logging.INFO:
+        pkg_log.setLevel(logging.INFO)  # the log file gets INFO lines even if the console not
+    prev_threads = torch.get_num_threads()
+    try:
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        pkg_log.setLevel(prev_level)
+        pkg_log.removeHandler(handler)
+        handler.close()
 
 
 def build_tokenizer(cfg: LmTrainConfig, sentences: Sequence[Sequence[str]]) -> Tokenizer:
@@ -230,15 +249,7 @@ def train_lm(cfg: LmTrainConfig) -> List[Dict[str, Any]]:
     cfg.validate()
     exp_dir = Path(cfg.exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_file_log(exp_dir)
-    pkg_log = logging.getLogger("k2quant")
-    prev_level = pkg_log.level
-    if pkg_log.getEffectiveLevel() > logging.INFO:
-        pkg_log.setLevel(logging.INFO)  # the log file gets INFO lines even if the console not
-    prev_threads = torch.get_num_threads()
-    try:
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
+    with _logged_run(exp_dir, "log-train-lm.txt", cfg.num_threads):
         device = _pick_device(cfg.device)
         log.info("train-lm config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
         log.info("torch %s, device %s, %d threads", torch.__version__, device,
@@ -359,11 +370,6 @@ def train_lm(cfg: LmTrainConfig) -> List[Dict[str, Any]]:
                                "best_valid_ppl": best["valid_ppl"], "unit": tokenizer.unit,
                                "vocab_size": len(tokenizer)})
         return history
-    finally:
-        torch.set_num_threads(prev_threads)
-        pkg_log.setLevel(prev_level)
-        pkg_log.removeHandler(handler)
-        handler.close()
 
 
 _ARCH_FLAGS = ("unit", "text_format", "bpe_vocab_size", "min_count", "max_words", "preset",

@@ -10,6 +10,16 @@ from k2quant.plan import LayerConfig
 from .base import QuantModule
 
 
+def _adopt_parameters(qm: QuantModule, ref: nn.Module) -> None:
+    """Take ``ref``'s freshly initialised ``weight`` and ``bias`` and add the ``"weight"`` and
+    ``"input"`` quantizers (:class:`QuantLinear`, :class:`QuantConv1d`)."""
+    qm.weight = ref.weight
+    qm.bias = ref.bias
+    qm._add_weight_quantizer("weight", "weight", qm.layer_config.weight_spec())
+    qm._add_act_quantizer("input", qm.layer_config.act_spec())
+    qm._init_weight_quantizers()
+
+
 class QuantLinear(QuantModule):
     """``nn.Linear`` with a fake-quantized weight and optionally fake-quantized input.
 
@@ -35,11 +45,7 @@ class QuantLinear(QuantModule):
         ref = nn.Linear(in_features, out_features, bias=bias)  # nn.Linear's initialisation
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = ref.weight
-        self.bias = ref.bias
-        self._add_weight_quantizer("weight", "weight", self.layer_config.weight_spec())
-        self._add_act_quantizer("input", self.layer_config.act_spec())
-        self._init_weight_quantizers()
+        _adopt_parameters(self, ref)
 
     @classmethod
     def _shape_kwargs(cls, m: nn.Linear) -> Dict[str, Any]:
@@ -50,11 +56,7 @@ class QuantLinear(QuantModule):
         }
 
     def _float_kwargs(self) -> Dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
+        return self._shape_kwargs(self)  # same attribute names as the float module
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_act("input", x), self.quant_weight("weight"), self.bias)
@@ -114,11 +116,7 @@ class QuantConv1d(QuantModule):
         self.groups = groups
         self.padding_mode = padding_mode
         self._reversed_padding_repeated_twice = list(ref._reversed_padding_repeated_twice)
-        self.weight = ref.weight
-        self.bias = ref.bias
-        self._add_weight_quantizer("weight", "weight", self.layer_config.weight_spec())
-        self._add_act_quantizer("input", self.layer_config.act_spec())
-        self._init_weight_quantizers()
+        _adopt_parameters(self, ref)
 
     @classmethod
     def _shape_kwargs(cls, m: nn.Conv1d) -> Dict[str, Any]:
@@ -135,17 +133,7 @@ class QuantConv1d(QuantModule):
         }
 
     def _float_kwargs(self) -> Dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "padding": self.padding,
-            "dilation": self.dilation,
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
-        }
+        return self._shape_kwargs(self)  # same attribute names as the float module
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.quant_act("input", x)

@@ -49,7 +49,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from k2quant.plan import LayerConfig, Plan, quantizable_layers
+from k2quant.plan import LayerConfig, Plan
+from k2quant.search._common import (
+    BUDGET_KINDS,
+    DEFAULT_CANDIDATE_BITS,
+    apply_bottleneck_dims,
+    check_model_has_layers,
+)
 from k2quant.search.sensitivity import FLOAT_BITS, METRICS, SensitivityTable
 from k2quant.utils.io import atomic_write_json
 
@@ -66,8 +72,6 @@ __all__ = [
     "have_milp",
 ]
 
-DEFAULT_CANDIDATE_BITS = (1, 2, 3, 4, 6, 8)
-BUDGET_KINDS = ("avg_bits", "size_bytes", "ratio")
 _BUDGET_UNITS = {"avg_bits": "avg bits", "size_bytes": "bytes", "ratio": "x compression"}
 ALLOCATION_FORMAT = "k2quant-allocation"
 
@@ -143,13 +147,7 @@ class Allocation:
         activations). With ``model``, layers the model lacks raise ``ValueError``.
         """
         if model is not None:
-            have = set(quantizable_layers(model))
-            missing = [n for n in self.bits if n not in have]
-            if missing:
-                raise ValueError(
-                    f"the allocation names layers the model lacks: {missing}; the model's "
-                    f"quantizable layers are {sorted(have)}"
-                )
+            check_model_has_layers(model, self.bits, "allocation")
         layers = {}
         for name, b in self.bits.items():
             base = self._base_config(name)
@@ -170,23 +168,7 @@ class Allocation:
     def apply_dims(self, model: nn.Module) -> List[Dict[str, Any]]:
         """Re-factorise ``model``'s TDNN-F pairs to :attr:`dims` in place (before
         ``quantize_``). Returns the :func:`refactor_bottleneck` infos of the changed layers."""
-        if not self.dims:
-            return []
-        if not hasattr(model, "refactor_bottleneck"):
-            raise ValueError(
-                f"the allocation changes bottleneck dims {self.dims} but the model "
-                f"({type(model).__name__}) has no refactor_bottleneck()"
-            )
-        out = []
-        names = model.tdnnf_layer_names()
-        unknown = [p for p in self.dims if p not in names]
-        if unknown:
-            raise ValueError(f"the allocation names TDNN-F layers the model lacks: {unknown}")
-        for p, d in self.dims.items():
-            cur = model.get_submodule(p).linear.weight.shape[0]
-            if d != cur:
-                out.append(model.refactor_bottleneck(p, int(d)))
-        return out
+        return apply_bottleneck_dims(model, self.dims, "allocation")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

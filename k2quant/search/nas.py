@@ -90,6 +90,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k2quant.plan import LayerConfig, Plan, model_size_bytes, quantizable_layers, quantize_
+from k2quant.search._common import (
+    BUDGET_KINDS,
+    DEFAULT_CANDIDATE_BITS,
+    apply_bottleneck_dims,
+    check_model_has_layers,
+)
 from k2quant.utils.io import atomic_write_json
 
 __all__ = [
@@ -104,8 +110,6 @@ __all__ = [
     "DEFAULT_CANDIDATE_BITS",
 ]
 
-DEFAULT_CANDIDATE_BITS = (1, 2, 3, 4, 6, 8)
-BUDGET_KINDS = ("avg_bits", "size_bytes", "ratio")
 PENALTIES = ("hinge", "lagrangian")
 OPTIMIZERS = ("adam", "sgd")
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Embedding)
@@ -1062,13 +1066,7 @@ class NasResult:
         raise ``ValueError``.
         """
         if model is not None:
-            have = set(quantizable_layers(model))
-            missing = [n for n in self.bits if n not in have]
-            if missing:
-                raise ValueError(
-                    f"the NAS result names layers the model lacks: {missing}; the model's "
-                    f"quantizable layers are {sorted(have)}"
-                )
+            check_model_has_layers(model, self.bits, "NAS result")
         layers = {}
         for name, b in self.bits.items():
             kind = weight_quantizer if weight_quantizer is not None else self.quantizer[b]
@@ -1095,23 +1093,7 @@ class NasResult:
         """Re-factorise the float TDNN-F ``model`` in place to :attr:`dims` (before
         ``quantize_``; :func:`k2quant.models.tdnnf.refactor_bottleneck`). Layers already at
         their dim are left alone. Returns the refactor infos of the changed layers."""
-        if not self.dims:
-            return []
-        if not hasattr(model, "refactor_bottleneck"):
-            raise ValueError(
-                f"the NAS result changes bottleneck dims {self.dims} but the model "
-                f"({type(model).__name__}) has no refactor_bottleneck()"
-            )
-        names = model.tdnnf_layer_names()
-        unknown = [p for p in self.dims if p not in names]
-        if unknown:
-            raise ValueError(f"the NAS result names TDNN-F layers the model lacks: {unknown}")
-        reports = []
-        for name, d in self.dims.items():
-            cur = int(model.get_submodule(f"{name}.linear").weight.shape[0])
-            if d != cur:
-                reports.append(model.refactor_bottleneck(name, int(d)))
-        return reports
+        return apply_bottleneck_dims(model, self.dims, "NAS result")
 
     def apply(self, model: nn.Module, **plan_kwargs: Any) -> nn.Module:
         """:meth:`apply_dims` then ``quantize_(model, self.to_plan(**plan_kwargs))`` (in place;
