@@ -10,7 +10,12 @@
 # Stages: 0 manifests (+ lexicon from etc/an4.dic), 1 fbank (80-dim, lhotse; optional
 # 0.9/1.1 speed perturbation), 2 lang dir (chain 2-state topology, optional silence),
 # 3 word trigram from the training transcripts + HLG, 4 LF-MMI training of TDNN-F (small
-# preset, phone-LM denominator, leaky HMM), 5 decoding (HLG 1-best), 6 scoring.
+# preset, phone-LM denominator, leaky HMM), 5 decoding (HLG 1-best), 6 scoring,
+# 7 compression runs of the acoustic model (k2quant compress; --compress-runs), 8 their report
+# table (exp/compress/report.md + .json), 9 Transformer word LM on the training transcripts
+# (or --lm-text), 10 its ~2-bit compression (k2quant compress-lm), 11 dev decoding with saved
+# lattices (fp32 AM) and n-best rescoring with the fp32 and the compressed LM, 12 the rescoring
+# results and the AM/LM file sizes (the AM+LM system table is not a CLI yet, see stage 12).
 #
 # Usage: egs/an4/ASR/run.sh --corpus-dir /path/to/an4 [--stage N] [--stop-stage N] ...
 #        egs/an4/ASR/run.sh --corpus-dir download/an4 --download true
@@ -23,6 +28,23 @@
 #   | TDNN-F small (2.4M) | 6      | none (recipe default)      | 19.4 min   | 11.89 [76/639]             |
 #   | TDNN-F small (2.4M) | 6      | SpecAugment + frame shifts | 25.6 min   | 21.44 [137/639] (underfits)|
 # Both with den phone bigram, word trigram, lm scale 1.0, max-duration 50 s, Adam 3e-3 -> 3e-4.
+#
+# Stages 7-11 (dev, 639 words; AN4 small model above, fp32 1-best 11.89%; load 6-10 on 2 cores).
+# AM alone (stage 8, exp/compress/report.md): uniform2 13.56x 8.14%, hessian-u2size 13.57x
+# 8.92%, hessian-sub-r16 16.01x 9.86% (2.66 bits, 1.49M params), all p >= 0.9 vs fp32;
+# hessian-u2size 95 s (resumed QAT), hessian-sub-r16 762 s and uniform2 546 s at load ~8.
+# AM + LM, rescored with ngram scale 1, 100 paths:
+#   | system (AM + LM)                     | AM+LM bytes | ratio | 1-best | rescored (lm scale) | p vs fp32 |
+#   |--------------------------------------|-------------|-------|--------|---------------------|-----------|
+#   | fp32 AM + fp32 LM (409k params)      | 11,271,336  | 1.00x | 11.89  | 11.27 (0.1)         | -         |
+#   | fp32 AM + LM kl-r12 (2.15 bits)      |  9,768,271  | 1.15x | 11.89  | 11.11 (0.2)         | 0.84      |
+#   | hessian-sub-r16 AM + LM kl-r12       |    736,968  | 15.3x |  9.86  |  7.82 (0.7)         | 0.99      |
+#   | hessian-sub-r16 AM + LM kl-r16 (1.5b)|    703,988  | 16.0x |  9.86  |  8.45 (0.4)         | 0.96      |
+# LM: ppl 16.62 (fp32) -> 16.52 (kl-r12, 135,219 bytes, 12.1x) / 16.90 (kl-r16, 102,239 bytes);
+# p = MAPSSWE, one-sided, vs the fp32 system at its best scale (scales chosen on dev: optimistic).
+# The compressed-AM rows need lattices of the packed model, which no CLI writes yet (stage 11);
+# they were measured with the library's decode_cuts(lattice_dir=...) on model.k2q.
+# Rescoring 104 lattices, 100 paths, same run: fp32 LM 0.95-1.19 utt/s, packed LM 0.89-1.15.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -53,12 +75,50 @@ avg=2
 seed=42
 data_dir=data
 exp_dir=exp
+# --- compression of the acoustic model (stages 7-8) ---
+# Runs, in order, each into $exp_dir/compress/NAME; NAME is one of
+#   uniformB            every layer at B bits (method uniform)
+#   M-rX                mixed precision by M (hessian|kl|nas) at on-disk ratio X vs fp32
+#   M-bX                mixed precision by M at X average bits
+#   M-u2size            mixed precision by M at the file size of uniform2 (run uniform2 first)
+#   M-sub-rX            M (hessian|kl) + TDNN-F bottleneck dims (--subspace) at ratio X
+# The default covers the acceptance rows (>= 8x at <= 4 bits, mixed vs uniform at the 2-bit
+# size, subspace >= 12x, and the 16x AM of the AM+LM system) in ~18 min on 2 quiet cores
+# (2.5-5 min per run; about twice that at load 8); --compress-runs "$compress_runs_full" gives
+# the issue's full table (~50 min).
+compress_runs="uniform2 hessian-r8 hessian-u2size hessian-sub-r12.5 hessian-sub-r16"
+compress_runs_full="uniform8 uniform4 uniform3 uniform2 hessian-r8 kl-r8 nas-r8 hessian-u2size kl-u2size nas-u2size hessian-sub-r12.5 hessian-sub-r16"
+compress_sens_utts=100   # training utterances of the sensitivity (and NAS)
+compress_sens_samples=8  # Hutchinson probes per batch (hessian)
+compress_qat_epochs=2
+# --- Transformer LM and lattice rescoring (stages 9-12) ---
+lm_text=             # a larger LM text corpus (plain, one sentence per line) [default: the
+                     # training transcripts]; held-out perplexity is on the dev transcripts
+lm_epochs=20
+lm_preset=small
+lm_compress_method=kl
+lm_ratio=12          # on-disk compression of the LM (~2 average bits)
+lm_qat_epochs=10
+rescore_lm_scales=0.1,0.2,0.3,0.4,0.5,0.7,1.0
+rescore_ngram_scale=1
+rescore_num_paths=100
+system_am=hessian-sub-r16    # the compressed AM of the AM+LM system (a --compress-runs name)
 
 help_message="Usage: $0 --corpus-dir DIR [options]
   --corpus-dir DIR [$corpus_dir]  extracted AN4 corpus (etc/, wav/)
   --download true|false [$download]  download AN4 into --corpus-dir first
   --stage N / --stop-stage N   run stages N..M (0 manifests, 1 fbank, 2 lang, 3 word LM + HLG,
-                               4 train, 5 decode, 6 score)
+                               4 train, 5 decode, 6 score, 7 compress AM, 8 compression report,
+                               9 Transformer LM, 10 compress LM, 11 lattices + rescoring,
+                               12 rescoring summary)
+  --compress-runs \"NAME ...\" [$compress_runs]
+                               uniformB | M-rX | M-bX | M-u2size | M-sub-rX (M: hessian|kl|nas);
+                               full table: --compress-runs \"$compress_runs_full\"
+  --compress-sens-utts N [$compress_sens_utts]  --compress-qat-epochs N [$compress_qat_epochs]
+  --lm-text FILE  LM training text (plain) [training transcripts]  --lm-epochs N [$lm_epochs]
+  --lm-ratio X [$lm_ratio]  --lm-compress-method M [$lm_compress_method]
+  --rescore-lm-scales LIST [$rescore_lm_scales]  --rescore-num-paths N [$rescore_num_paths]
+  --system-am NAME [$system_am]  compressed AM of the AM+LM system
   --num-epochs N [$num_epochs]  --max-duration S [$max_duration]  --speed-perturb B [$speed_perturb]
   --model-preset P [$model_preset]  --model-config JSON  --lr X [$lr]  --avg K [$avg]
   --num-threads N [$num_threads]  --data-dir DIR [$data_dir]  --exp-dir DIR [$exp_dir]"
@@ -146,5 +206,115 @@ if run_stage 6 "Score $splits"; then
       --out-dir "$exp_dir/decode" --name "$tag-final" | tee "$exp_dir/decode/WER-$tag.txt"
     log "AN4 $split WER ($tag): $(cat "$exp_dir/decode/WER-$tag.txt")"
   done
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Compression of the acoustic model (issue 4): one 'k2quant compress' per run, sharing the fp32
+# reference decode and the sensitivity tables.
+# ---------------------------------------------------------------------------------------------
+cdir=$exp_dir/compress
+fp32_model=$exp_dir/epoch-$num_epochs.pt
+if run_stage 7 "Compress the acoustic model (epoch $num_epochs avg $avg): $compress_runs"; then
+  require_file "$fp32_model" "Train first (stage 4)."
+  for name in $compress_runs; do
+    if [ -f "$cdir/$name/report.json" ]; then
+      log "  $name already compressed ($cdir/$name/report.json)"; continue
+    fi
+    case $name in
+      uniform[0-9]*) flags=(--method uniform --bits "${name#uniform}") ;;
+      *-sub-r*) flags=(--method "${name%%-*}" --subspace --ratio "${name##*-sub-r}") ;;
+      *-u2size)
+        require_file "$cdir/uniform2/model.k2q" "List uniform2 before $name in --compress-runs."
+        flags=(--method "${name%%-*}" --size-bytes "$(stat -c %s "$cdir/uniform2/model.k2q")") ;;
+      *-r[0-9]*) flags=(--method "${name%%-*}" --ratio "${name##*-r}") ;;
+      *-b[0-9]*) flags=(--method "${name%%-*}" --budget "${name##*-b}bits") ;;
+      *) die "unknown compression run '$name' (uniformB, M-rX, M-bX, M-u2size, M-sub-rX)" ;;
+    esac
+    [[ $name == hessian-* || $name == kl-* ]] && \
+      flags+=(--sensitivity-cache "$cdir/sensitivity-${name%%-*}.json")
+    log "  $name: ${flags[*]}"
+    "$k2quant" compress --model "$fp32_model" --avg "$avg" --lang-dir "$lang" \
+      --cuts "$fbank/cuts_train.jsonl.gz" --dev-cuts "$fbank/cuts_dev.jsonl.gz" \
+      --out-dir "$cdir/$name" --tag "$name" "${flags[@]}" --fp32-dir "$cdir/fp32" \
+      --sens-utts "$compress_sens_utts" --sens-samples "$compress_sens_samples" \
+      --qat-epochs "$compress_qat_epochs" --lm-scale "$lm_scale" --seed "$seed" \
+      --num-threads "$num_threads"
+  done
+fi
+
+if run_stage 8 "Compression report $cdir/report.md (+ .json)"; then
+  rows=
+  for name in $compress_runs; do
+    [ -f "$cdir/$name/report.json" ] && rows=${rows:+$rows,}$cdir/$name
+  done
+  [ -n "$rows" ] || die "no compression report under $cdir; run stage 7 first"
+  "$k2quant" report --rows "$rows" --out "$cdir/report.md" \
+    --title "AN4 dev: TDNN-F $model_preset, epoch $num_epochs avg $avg"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Transformer LM, its compression and n-best rescoring of the decoding lattices (issue 5).
+# ---------------------------------------------------------------------------------------------
+lm_dir=$exp_dir/lm
+lmc_dir=$exp_dir/lm-compress/$lm_compress_method-r$lm_ratio
+if run_stage 9 "Transformer word LM ($lm_preset, $lm_epochs epochs) on ${lm_text:-the training transcripts}" "$lm_dir/.stage9.done"; then
+  mkdir -p "$lm_dir"
+  "$lhotse" kaldi export "$manifests/an4_recordings_dev.jsonl.gz" \
+    "$manifests/an4_supervisions_dev.jsonl.gz" "$data_dir/kaldi/dev"
+  if [ -n "$lm_text" ]; then
+    require_file "$lm_text" "--lm-text: a plain text file, one sentence per line."
+    cp "$lm_text" "$lm_dir/train.txt"
+  else
+    cut -d' ' -f2- "$data_dir/kaldi/train/text" > "$lm_dir/train.txt"
+  fi
+  cut -d' ' -f2- "$data_dir/kaldi/dev/text" > "$lm_dir/valid.txt"  # perplexity only
+  "$k2quant" train-lm --train-text "$lm_dir/train.txt" --valid-text "$lm_dir/valid.txt" \
+    --exp-dir "$lm_dir" --preset "$lm_preset" --num-epochs "$lm_epochs" --seed "$seed" \
+    --device cpu --num-threads "$num_threads"
+  mark_done "$lm_dir/.stage9.done"
+fi
+
+if run_stage 10 "Compress the LM ($lm_compress_method, ratio $lm_ratio) into $lmc_dir" "$lmc_dir/.stage10.done"; then
+  "$k2quant" compress-lm --lm "$lm_dir/epoch-$lm_epochs.pt" --train-text "$lm_dir/train.txt" \
+    --valid-text "$lm_dir/valid.txt" --out-dir "$lmc_dir" --method "$lm_compress_method" \
+    --ratio "$lm_ratio" --qat-epochs "$lm_qat_epochs" --seed "$seed" --device cpu \
+    --num-threads "$num_threads"
+  mark_done "$lmc_dir/.stage10.done"
+fi
+
+rdir=$exp_dir/rescore
+lat_tag=dev-epoch-$num_epochs-avg-$avg
+if run_stage 11 "Dev lattices (fp32 AM) and n-best rescoring with the fp32 and the compressed LM"; then
+  if [ ! -f "$rdir/.stage11.$lat_tag.done" ]; then
+    "$k2quant" decode --exp-dir "$exp_dir" --epoch "$num_epochs" --avg "$avg" --lang-dir "$lang" \
+      --cuts "$fbank/cuts_dev.jsonl.gz" --out-dir "$rdir" --lm-scale "$lm_scale" \
+      --tag "$lat_tag" --save-lattices --num-threads "$num_threads" --device cpu
+    mark_done "$rdir/.stage11.$lat_tag.done"
+  fi
+  # k2quant decode reads training checkpoints only and k2quant compress saves no lattices, so
+  # the compressed AM ($system_am) has no lattices to rescore from the CLIs (see stage 12).
+  for lm_name in fp32 "$lm_compress_method-r$lm_ratio"; do
+    lm_file=$lmc_dir/lm.k2q
+    [ "$lm_name" = fp32 ] && lm_file=$lm_dir/epoch-$lm_epochs.pt
+    out=$rdir/fp32am-${lm_name}lm
+    if [ -f "$out/rescore-summary.json" ]; then
+      log "  $out already rescored"; continue
+    fi
+    "$k2quant" rescore --lattices "$rdir/lattices-$lat_tag" --lm "$lm_file" \
+      --words "$lang/words.txt" --refs "$fbank/cuts_dev.jsonl.gz" \
+      --num-paths "$rescore_num_paths" --lm-scale "$rescore_lm_scales" \
+      --ngram-scale "$rescore_ngram_scale" --seed "$seed" --out "$out" --no-progress
+  done
+fi
+
+if run_stage 12 "Rescoring results and AM/LM sizes"; then
+  for out in "$rdir"/fp32am-*lm; do
+    log "$out:\n$(cat "$out/wer-summary.txt")"
+  done
+  log "files (AM: packed fp32 / $system_am; LM: fp32 checkpoint / packed):\n$(ls -l \
+    "$cdir/fp32/fp32.k2q" "$cdir/$system_am/model.k2q" "$lm_dir/epoch-$lm_epochs.pt" \
+    "$lmc_dir/lm.k2q" 2>&1)"
+  log "The AM+LM system rows (size and ratio vs the fp32 system, WER, p-value) need a" \
+    "'k2quant report' that takes LM summaries and rescoring outputs (not supported yet)."
 fi
 log "done in $(elapsed) s"

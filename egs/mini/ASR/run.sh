@@ -8,6 +8,11 @@
 #   TDNN-F "small" preset trained with LF-MMI (phone-LM denominator) -> 1-best HLG decoding ->
 #   WER on the unseen-voice test set.
 # Everything runs on CPU; budget: under 10 minutes on 2 cores, everything included.
+# Stages 7-12 (off by default: --stop-stage 6, which is what `make demo` runs) are those of the
+# AN4 recipe: 7 AM compression runs (--compress-runs), 8 their report table, 9 Transformer
+# word LM on the training transcripts (or --lm-text), 10 its ~2-bit compression, 11 test
+# lattices (fp32 AM) + n-best rescoring with the fp32 and the compressed LM, 12 rescoring
+# results and AM/LM file sizes. Run them with --stage 7 --stop-stage 12.
 #
 # Usage: egs/mini/ASR/run.sh [--stage N] [--stop-stage N] [--num-epochs N] ...   (see --help)
 # Outputs: data/ (manifests, fbank, lang, lm), exp/ (checkpoints, logs, decode/), relative to
@@ -29,7 +34,7 @@ top=$(cd ../../.. && pwd)
 . "$top/local/common.sh"
 
 stage=0
-stop_stage=100
+stop_stage=6          # the demo: fp32 train + decode + WER; stages 7-12 on request
 num_train=600         # utterances to synthesise for training
 num_test=150          # test utterances (unseen voices)
 corpus_seed=0
@@ -53,10 +58,45 @@ avg=1
 seed=42
 data_dir=data
 exp_dir=exp
+# --- compression of the acoustic model (stages 7-8) ---
+# Runs, in order, each into $exp_dir/compress/NAME; NAME is one of
+#   uniformB            every layer at B bits (method uniform)
+#   M-rX                mixed precision by M (hessian|kl|nas) at on-disk ratio X vs fp32
+#   M-bX                mixed precision by M at X average bits
+#   M-u2size            mixed precision by M at the file size of uniform2 (run uniform2 first)
+#   M-sub-rX            M (hessian|kl) + TDNN-F bottleneck dims (--subspace) at ratio X
+# Default: a few minutes per run on 2 cores; --compress-runs "$compress_runs_full": the full table.
+compress_runs="uniform2 hessian-u2size hessian-sub-r12.5"
+compress_runs_full="uniform8 uniform4 uniform3 uniform2 hessian-r8 kl-r8 nas-r8 hessian-u2size kl-u2size nas-u2size hessian-sub-r12.5"
+compress_sens_utts=100   # training utterances of the sensitivity (and NAS)
+compress_sens_samples=8  # Hutchinson probes per batch (hessian)
+compress_qat_epochs=2
+# --- Transformer LM and lattice rescoring (stages 9-12) ---
+lm_text=             # a larger LM text corpus (plain, one sentence per line) [default: the
+                     # training transcripts]; held-out perplexity is on the test transcripts
+lm_epochs=20
+lm_preset=small
+lm_compress_method=kl
+lm_ratio=12          # on-disk compression of the LM (~2 average bits)
+lm_qat_epochs=10
+rescore_lm_scales=0.1,0.2,0.3,0.4,0.5,0.7,1.0
+rescore_ngram_scale=1
+rescore_num_paths=100
+system_am=hessian-sub-r12.5  # the compressed AM of the AM+LM system (a --compress-runs name)
 
 help_message="Usage: $0 [options]
-  --stage N / --stop-stage N   run stages N..M (0 corpus, 1 fbank, 2 lang, 3 word LM + HLG,
-                               4 train, 5 decode, 6 score)
+  --stage N / --stop-stage N   run stages N..M [0..6] (0 corpus, 1 fbank, 2 lang,
+                               3 word LM + HLG, 4 train, 5 decode, 6 score, 7 compress AM,
+                               8 compression report, 9 Transformer LM, 10 compress LM,
+                               11 lattices + rescoring, 12 rescoring summary)
+  --compress-runs \"NAME ...\" [$compress_runs]
+                               uniformB | M-rX | M-bX | M-u2size | M-sub-rX (M: hessian|kl|nas);
+                               full table: --compress-runs \"$compress_runs_full\"
+  --compress-sens-utts N [$compress_sens_utts]  --compress-qat-epochs N [$compress_qat_epochs]
+  --lm-text FILE  LM training text (plain) [training transcripts]  --lm-epochs N [$lm_epochs]
+  --lm-ratio X [$lm_ratio]  --lm-compress-method M [$lm_compress_method]
+  --rescore-lm-scales LIST [$rescore_lm_scales]  --rescore-num-paths N [$rescore_num_paths]
+  --system-am NAME [$system_am]  compressed AM of the AM+LM system
   --num-train N --num-test N   corpus size [600 / 150]    --small true   smoke-test corpus
   --num-epochs N [$num_epochs]  --max-duration S [$max_duration]  --model-preset P [$model_preset]
   --num-threads N [$num_threads] --num-jobs N [$num_jobs] --lm-scale X [$lm_scale] --avg K [$avg]
@@ -132,5 +172,115 @@ if run_stage 6 "Score the test hypotheses"; then
     --hyp "$exp_dir/decode/hyps-$tag.txt" --out-dir "$exp_dir/decode" \
     --name "$tag-final" | tee "$exp_dir/decode/WER-$tag.txt"
   log "mini test WER ($tag, lm scale $lm_scale): $(cat "$exp_dir/decode/WER-$tag.txt")"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Compression of the acoustic model (issue 4): one 'k2quant compress' per run, sharing the fp32
+# reference decode and the sensitivity tables.
+# ---------------------------------------------------------------------------------------------
+cdir=$exp_dir/compress
+fp32_model=$exp_dir/epoch-$num_epochs.pt
+if run_stage 7 "Compress the acoustic model (epoch $num_epochs avg $avg): $compress_runs"; then
+  require_file "$fp32_model" "Train first (stage 4)."
+  for name in $compress_runs; do
+    if [ -f "$cdir/$name/report.json" ]; then
+      log "  $name already compressed ($cdir/$name/report.json)"; continue
+    fi
+    case $name in
+      uniform[0-9]*) flags=(--method uniform --bits "${name#uniform}") ;;
+      *-sub-r*) flags=(--method "${name%%-*}" --subspace --ratio "${name##*-sub-r}") ;;
+      *-u2size)
+        require_file "$cdir/uniform2/model.k2q" "List uniform2 before $name in --compress-runs."
+        flags=(--method "${name%%-*}" --size-bytes "$(stat -c %s "$cdir/uniform2/model.k2q")") ;;
+      *-r[0-9]*) flags=(--method "${name%%-*}" --ratio "${name##*-r}") ;;
+      *-b[0-9]*) flags=(--method "${name%%-*}" --budget "${name##*-b}bits") ;;
+      *) die "unknown compression run '$name' (uniformB, M-rX, M-bX, M-u2size, M-sub-rX)" ;;
+    esac
+    [[ $name == hessian-* || $name == kl-* ]] && \
+      flags+=(--sensitivity-cache "$cdir/sensitivity-${name%%-*}.json")
+    log "  $name: ${flags[*]}"
+    "$k2quant" compress --model "$fp32_model" --avg "$avg" --lang-dir "$lang" \
+      --cuts "$fbank/cuts_train.jsonl.gz" --dev-cuts "$fbank/cuts_test.jsonl.gz" \
+      --out-dir "$cdir/$name" --tag "$name" "${flags[@]}" --fp32-dir "$cdir/fp32" \
+      --sens-utts "$compress_sens_utts" --sens-samples "$compress_sens_samples" \
+      --qat-epochs "$compress_qat_epochs" --lm-scale "$lm_scale" --seed "$seed" \
+      --num-threads "$num_threads"
+  done
+fi
+
+if run_stage 8 "Compression report $cdir/report.md (+ .json)"; then
+  rows=
+  for name in $compress_runs; do
+    [ -f "$cdir/$name/report.json" ] && rows=${rows:+$rows,}$cdir/$name
+  done
+  [ -n "$rows" ] || die "no compression report under $cdir; run stage 7 first"
+  "$k2quant" report --rows "$rows" --out "$cdir/report.md" \
+    --title "mini test: TDNN-F $model_preset, epoch $num_epochs avg $avg"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Transformer LM, its compression and n-best rescoring of the decoding lattices (issue 5).
+# ---------------------------------------------------------------------------------------------
+lm_dir=$exp_dir/lm
+lmc_dir=$exp_dir/lm-compress/$lm_compress_method-r$lm_ratio
+if run_stage 9 "Transformer word LM ($lm_preset, $lm_epochs epochs) on ${lm_text:-the training transcripts}" "$lm_dir/.stage9.done"; then
+  mkdir -p "$lm_dir"
+  "$lhotse" kaldi export "$manifests/mini_recordings_test.jsonl.gz" \
+    "$manifests/mini_supervisions_test.jsonl.gz" "$data_dir/kaldi/test"
+  if [ -n "$lm_text" ]; then
+    require_file "$lm_text" "--lm-text: a plain text file, one sentence per line."
+    cp "$lm_text" "$lm_dir/train.txt"
+  else
+    cut -d' ' -f2- "$data_dir/kaldi/train/text" > "$lm_dir/train.txt"
+  fi
+  cut -d' ' -f2- "$data_dir/kaldi/test/text" > "$lm_dir/valid.txt"  # perplexity only
+  "$k2quant" train-lm --train-text "$lm_dir/train.txt" --valid-text "$lm_dir/valid.txt" \
+    --exp-dir "$lm_dir" --preset "$lm_preset" --num-epochs "$lm_epochs" --seed "$seed" \
+    --device cpu --num-threads "$num_threads"
+  mark_done "$lm_dir/.stage9.done"
+fi
+
+if run_stage 10 "Compress the LM ($lm_compress_method, ratio $lm_ratio) into $lmc_dir" "$lmc_dir/.stage10.done"; then
+  "$k2quant" compress-lm --lm "$lm_dir/epoch-$lm_epochs.pt" --train-text "$lm_dir/train.txt" \
+    --valid-text "$lm_dir/valid.txt" --out-dir "$lmc_dir" --method "$lm_compress_method" \
+    --ratio "$lm_ratio" --qat-epochs "$lm_qat_epochs" --seed "$seed" --device cpu \
+    --num-threads "$num_threads"
+  mark_done "$lmc_dir/.stage10.done"
+fi
+
+rdir=$exp_dir/rescore
+lat_tag=test-epoch-$num_epochs-avg-$avg
+if run_stage 11 "Test lattices (fp32 AM) and n-best rescoring with the fp32 and the compressed LM"; then
+  if [ ! -f "$rdir/.stage11.$lat_tag.done" ]; then
+    "$k2quant" decode --exp-dir "$exp_dir" --epoch "$num_epochs" --avg "$avg" --lang-dir "$lang" \
+      --cuts "$fbank/cuts_test.jsonl.gz" --out-dir "$rdir" --lm-scale "$lm_scale" \
+      --tag "$lat_tag" --save-lattices --num-threads "$num_threads" --device cpu
+    mark_done "$rdir/.stage11.$lat_tag.done"
+  fi
+  # k2quant decode reads training checkpoints only and k2quant compress saves no lattices, so
+  # the compressed AM ($system_am) has no lattices to rescore from the CLIs (see stage 12).
+  for lm_name in fp32 "$lm_compress_method-r$lm_ratio"; do
+    lm_file=$lmc_dir/lm.k2q
+    [ "$lm_name" = fp32 ] && lm_file=$lm_dir/epoch-$lm_epochs.pt
+    out=$rdir/fp32am-${lm_name}lm
+    if [ -f "$out/rescore-summary.json" ]; then
+      log "  $out already rescored"; continue
+    fi
+    "$k2quant" rescore --lattices "$rdir/lattices-$lat_tag" --lm "$lm_file" \
+      --words "$lang/words.txt" --refs "$fbank/cuts_test.jsonl.gz" \
+      --num-paths "$rescore_num_paths" --lm-scale "$rescore_lm_scales" \
+      --ngram-scale "$rescore_ngram_scale" --seed "$seed" --out "$out" --no-progress
+  done
+fi
+
+if run_stage 12 "Rescoring results and AM/LM sizes"; then
+  for out in "$rdir"/fp32am-*lm; do
+    log "$out:\n$(cat "$out/wer-summary.txt")"
+  done
+  log "files (AM: packed fp32 / $system_am; LM: fp32 checkpoint / packed):\n$(ls -l \
+    "$cdir/fp32/fp32.k2q" "$cdir/$system_am/model.k2q" "$lm_dir/epoch-$lm_epochs.pt" \
+    "$lmc_dir/lm.k2q" 2>&1)"
+  log "The AM+LM system rows (size and ratio vs the fp32 system, WER, p-value) need a" \
+    "'k2quant report' that takes LM summaries and rescoring outputs (not supported yet)."
 fi
 log "done in $(elapsed) s"
