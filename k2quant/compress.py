@@ -804,7 +804,9 @@ def compress(cfg: CompressConfig) -> Dict[str, Any]:
     timings["qat"] = time.time() - t
     t = time.time()
     packed_path = out / "model.k2q"
-    size = export_packed(qres.model, packed_path)
+    size = export_packed(qres.model, packed_path,
+                         extra={"utt_cmn": utt_cmn, "fp32_params": fp32_bytes_of(fp32) // 4,
+                                "source": str(cfg.model), "avg": cfg.avg})
     timings["export"] = time.time() - t
 
     # ---- decode + verdict ---------------------------------------------------------------

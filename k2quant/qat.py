@@ -676,17 +676,19 @@ def _validate(model: nn.Module, objective, dl) -> float:
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
-def export_packed(model: nn.Module, path: PathLike) -> Dict[str, Any]:
+def export_packed(model: nn.Module, path: PathLike,
+                  extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """``convert`` a copy of the fake-quant ``model`` and write it with
     :func:`k2quant.export.save_packed`; returns its size facts (``file_bytes`` measured with
     ``os.path.getsize``, ``payload_bytes``, ``header_bytes``, ``avg_bits`` and
     ``quantized_params`` from the packed file's size table, ``params``: the model's weights
-    and biases, quantizer state and BatchNorm statistics excluded)."""
+    and biases, quantizer state and BatchNorm statistics excluded). ``extra``: header
+    metadata (see :func:`k2quant.export.save_packed`)."""
     import os
 
     from k2quant.export import save_packed, size_table
 
-    info = dict(save_packed(model, path))
+    info = dict(save_packed(model, path, extra=extra))
     info["file_bytes"] = os.path.getsize(path)
     rep = size_table(path)
     packed = [r for r in rep.rows if r.kind == "packed"]

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 __all__ = ["ReportRow", "load_reports", "build_rows", "render_markdown", "write_report",
-           "make_report", "COLUMNS"]
+           "make_report", "COLUMNS", "SYSTEM_COLUMNS", "load_rescore_summaries",
+           "build_system_rows", "render_system_markdown", "make_system_report"]
 
 COLUMNS = ("system", "method", "avg bits", "params", "bytes on disk", "ratio vs fp32",
            "WER (%)", "p MAPSSWE", "p bootstrap", "lossless")
@@ -207,4 +208,156 @@ def make_report(paths: Sequence[PathLike], out: PathLike, title: Optional[str] =
     """:func:`load_reports` + :func:`build_rows` + :func:`write_report`; returns the rows."""
     rows = build_rows(load_reports(paths), alpha=alpha, num_samples=num_samples)
     write_report(rows, out, title, alpha)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# AM + LM systems (rescoring outputs)
+# ---------------------------------------------------------------------------------------------
+SYSTEM_COLUMNS = ("system", "AM", "LM", "AM bytes", "LM bytes", "AM+LM bytes",
+                  "ratio vs fp32 system", "1-best WER (%)", "WER (%)", "p MAPSSWE",
+                  "p bootstrap", "lossless")
+SUMMARY_FILE = "rescore-summary.json"
+
+
+def load_rescore_summaries(specs: Sequence[str]) -> List[Dict[str, Any]]:
+    """Read ``k2quant rescore --out DIR`` summaries; a spec is ``DIR`` or ``NAME=DIR`` (the
+    system's name in the table; default: the directory name).
+
+    Raises:
+      FileNotFoundError naming the missing summary; ValueError for a summary without
+      references (rescored without ``--refs``) or without the AM/LM sizes (lattices not
+      written by ``k2quant decode --save-lattices``).
+    """
+    out = []
+    for spec in specs:
+        name, _, d = spec.rpartition("=")
+        d = Path(d)
+        f = d / SUMMARY_FILE if d.is_dir() or not d.name.endswith(".json") else d
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no rescoring summary (expected DIR/{SUMMARY_FILE} "
+                                    f"written by 'k2quant rescore --out DIR')")
+        try:
+            s = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not JSON ({e})") from None
+        if "wer_details" not in s:
+            raise ValueError(f"{f}: no WER in the summary; rescore with --refs")
+        if not s.get("am") or not s.get("lm_size"):
+            raise ValueError(
+                f"{f}: the summary lacks the AM size (lattices without am-info.json: decode "
+                f"with 'k2quant decode --save-lattices') or the LM size (older k2quant); rerun "
+                f"'k2quant rescore'")
+        s["_dir"] = str(f.parent)
+        s["_name"] = name or f.parent.name
+        out.append(s)
+    return out
+
+
+def _per_utt(summary: Mapping[str, Any], setting: str) -> Path:
+    if setting != "1best" and setting not in summary.get("wer", {}):
+        raise ValueError(f"{summary['_dir']}: no rescoring setting {setting!r}; it has "
+                         f"{sorted(summary.get('wer', {}))}")
+    return Path(summary["_dir"]) / f"per_utt-{setting}.tsv"
+
+
+def _label(path: str) -> str:
+    p = Path(str(path).split(" (")[0])
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def build_system_rows(summaries: Sequence[Mapping[str, Any]], setting: str = "auto",
+                      alpha: float = 0.05, num_samples: int = 10000) -> List[ReportRow]:
+    """One row per AM + LM system; the first summary is the reference (the fp32 AM with the
+    fp32 LM), against which sizes and WERs are compared.
+
+    ``setting``: the rescoring setting (e.g. ``lm_scale_0.3-ngram_scale_1``) reported for
+    every system; ``"auto"`` = the reference's best setting (so the LM scale is tuned on the
+    fp32 system only, and the compressed systems are scored at the same scale). Each row
+    also records its own best setting (``own_best_*``, not used for the verdict).
+    ``ratio vs fp32 system`` = (AM bytes + LM bytes of the reference) / (AM + LM bytes), with
+    4 bytes per parameter for float models and the packed file size for packed ones.
+    """
+    from k2quant.significance import load_errors, lossless_verdict
+
+    if not summaries:
+        raise ValueError("no systems given")
+    ref = summaries[0]
+    if ref["am"].get("packed") or ref["lm_size"].get("packed"):
+        raise ValueError(f"{ref['_dir']}: the first system must be the fp32 reference (fp32 "
+                         f"AM lattices rescored with the fp32 LM); it has a packed "
+                         f"{'AM' if ref['am'].get('packed') else 'LM'}")
+    if setting == "auto":
+        setting = ref.get("best_setting")
+        if not setting:
+            raise ValueError(f"{ref['_dir']}: no best setting in the reference summary")
+    ref_bytes = int(ref["am"]["bytes"]) + int(ref["lm_size"]["bytes"])
+    ref_errs = load_errors(_per_utt(ref, setting))
+    rows: List[ReportRow] = []
+    for i, s in enumerate(summaries):
+        am_b, lm_b = int(s["am"]["bytes"]), int(s["lm_size"]["bytes"])
+        if s.get("num_utts") != ref.get("num_utts"):
+            raise ValueError(f"{s['_dir']}: {s.get('num_utts')} utterances, the reference "
+                             f"{ref['_dir']} has {ref.get('num_utts')}; rescore the same set")
+        row: ReportRow = {
+            "system": s["_name"], "am": _label(s["am"]["model"]), "lm": _label(s["lm"]),
+            "am_bytes": am_b, "lm_bytes": lm_b, "bytes": am_b + lm_b,
+            "ratio": ref_bytes / (am_b + lm_b), "one_best_wer": s["baseline_wer"],
+            "setting": setting, "wer": s["wer_details"][setting]["wer"]
+            if setting in s["wer_details"] else None,
+            "errors": s["wer_details"].get(setting, {}).get("errors"),
+            "ref_words": s["wer_details"].get(setting, {}).get("ref_words"),
+            "own_best_setting": s.get("best_setting"), "own_best_wer": s.get("best_wer"),
+            "p_mapsswe": None, "p_bootstrap": None, "lossless": None, "alpha": alpha,
+            "dir": s["_dir"], "utts_per_second": s.get("utts_per_second"),
+        }
+        if row["wer"] is None:
+            raise ValueError(f"{s['_dir']}: no rescoring setting {setting!r}")
+        if i > 0:
+            v = lossless_verdict(ref_errs, load_errors(_per_utt(s, setting)), alpha=alpha,
+                                 num_samples=num_samples)
+            row.update(p_mapsswe=v["mapsswe"]["p_value"], p_bootstrap=v["bootstrap"]["p_value"],
+                       lossless=bool(v["lossless"]))
+        rows.append(row)
+    return rows
+
+
+def render_system_markdown(rows: Sequence[ReportRow], title: Optional[str] = None,
+                           alpha: float = 0.05) -> str:
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| " + " | ".join(SYSTEM_COLUMNS) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(SYSTEM_COLUMNS) - 4) + [":---:"])
+                 + "|")
+    for r in rows:
+        lossless = "-" if r["lossless"] is None else ("yes" if r["lossless"] else "no")
+        lines.append("| " + " | ".join([
+            r["system"], r["am"], r["lm"], f"{r['am_bytes']:,}", f"{r['lm_bytes']:,}",
+            f"{r['bytes']:,}", f"{r['ratio']:.2f}x", f"{r['one_best_wer']:.2f}",
+            f"{r['wer']:.2f}", _fmt_p(r["p_mapsswe"]), _fmt_p(r["p_bootstrap"]), lossless,
+        ]) + " |")
+    setting = rows[0]["setting"] if rows else "-"
+    lines += [
+        "",
+        f"WER (%) after n-best rescoring at the setting `{setting}` for every system (the fp32 "
+        f"system's best, so compressed systems are not tuned on the test data); 1-best = "
+        f"lattice best path before rescoring. Bytes: packed files on disk, 4 bytes per "
+        f"parameter for float models; ratio vs the first (fp32) system. p-values one-sided "
+        f"(H1: the WER rises vs the first row) on the same utterances; lossless = both "
+        f"p >= {alpha:g}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def make_system_report(specs: Sequence[str], out: PathLike, title: Optional[str] = None,
+                       setting: str = "auto", alpha: float = 0.05,
+                       num_samples: int = 10000) -> List[ReportRow]:
+    """:func:`load_rescore_summaries` + :func:`build_system_rows`; writes ``out`` (Markdown)
+    and ``out`` with ``.json``; returns the rows."""
+    rows = build_system_rows(load_rescore_summaries(specs), setting=setting, alpha=alpha,
+                             num_samples=num_samples)
+    out = Path(out)
+    atomic_write_text(out, render_system_markdown(rows, title, alpha))
+    atomic_write_json(out.with_suffix(".json"), {
+        "format": "k2quant-system-table", "columns": list(SYSTEM_COLUMNS), "alpha": alpha,
+        "setting": rows[0]["setting"], "rows": rows})
     return rows

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stages 7-12 shared by the recipes (sourced after stage 6): compression of the acoustic model
 # ('k2quant compress' runs + 'k2quant report'), Transformer LM training and ~2-bit compression,
-# lattices of the fp32 AM rescored with the fp32 and the compressed LM, and a summary.
+# lattices of the fp32 AM and of the compressed AM ($system_am) rescored with the fp32 and the
+# compressed LM, and the AM+LM system table ('k2quant report --systems').
 # The recipe sets, besides its options: corpus (manifest prefix), eval_split (the scored split:
 # dev or test), corpus_title (for report titles), and the paths manifests, fbank, lang, lm,
 # data_dir, exp_dir.
@@ -16,12 +17,13 @@ if run_stage 7 "Compress the acoustic model (epoch $num_epochs avg $avg): $compr
     case $name in
       uniform[0-9]*) flags=(--method uniform --bits "${name#uniform}") ;;
       *-sub-r*) flags=(--method "${name%%-*}" --subspace --ratio "${name##*-sub-r}") ;;
-      *-u2size)
-        require_file "$cdir/uniform2/model.k2q" "List uniform2 before $name in --compress-runs."
-        flags=(--method "${name%%-*}" --size-bytes "$(stat -c %s "$cdir/uniform2/model.k2q")") ;;
+      *-u[0-9]size)
+        ub=${name##*-u}; ub=${ub%size}
+        require_file "$cdir/uniform$ub/model.k2q" "List uniform$ub before $name in --compress-runs."
+        flags=(--method "${name%%-*}" --size-bytes "$(stat -c %s "$cdir/uniform$ub/model.k2q")") ;;
       *-r[0-9]*) flags=(--method "${name%%-*}" --ratio "${name##*-r}") ;;
       *-b[0-9]*) flags=(--method "${name%%-*}" --budget "${name##*-b}bits") ;;
-      *) die "unknown compression run '$name' (uniformB, M-rX, M-bX, M-u2size, M-sub-rX)" ;;
+      *) die "unknown compression run '$name' (uniformB, M-rX, M-bX, M-uBsize, M-sub-rX)" ;;
     esac
     [[ $name == hessian-* || $name == kl-* ]] && \
       flags+=(--sensitivity-cache "$cdir/sensitivity-${name%%-*}.json")
@@ -49,7 +51,8 @@ fi
 # Transformer LM, its compression and n-best rescoring of the decoding lattices (issue 5).
 # ---------------------------------------------------------------------------------------------
 lm_dir=$exp_dir/lm
-lmc_dir=$exp_dir/lm-compress/$lm_compress_method-r$lm_ratio
+lmc_name=$lm_compress_method-r$lm_ratio
+lmc_dir=$exp_dir/lm-compress/$lmc_name
 if run_stage 9 "Transformer word LM ($lm_preset, $lm_epochs epochs) on ${lm_text:-the training transcripts}" "$lm_dir/.stage9.done"; then
   mkdir -p "$lm_dir"
   "$lhotse" kaldi export "$manifests/${corpus}_recordings_${eval_split}.jsonl.gz" \
@@ -77,36 +80,49 @@ fi
 
 rdir=$exp_dir/rescore
 lat_tag=$eval_split-epoch-$num_epochs-avg-$avg
-if run_stage 11 "$eval_split lattices (fp32 AM) and n-best rescoring with the fp32 and the compressed LM"; then
+if run_stage 11 "$eval_split lattices of the fp32 AM and of $system_am; n-best rescoring with the fp32 and the compressed LM"; then
   if [ ! -f "$rdir/.stage11.$lat_tag.done" ]; then
     "$k2quant" decode --exp-dir "$exp_dir" --epoch "$num_epochs" --avg "$avg" --lang-dir "$lang" \
       --cuts "$fbank/cuts_${eval_split}.jsonl.gz" --out-dir "$rdir" --lm-scale "$lm_scale" \
       --tag "$lat_tag" --save-lattices --num-threads "$num_threads" --device cpu
     mark_done "$rdir/.stage11.$lat_tag.done"
   fi
-  # k2quant decode reads training checkpoints only and k2quant compress saves no lattices, so
-  # the compressed AM ($system_am) has no lattices to rescore from the CLIs (see stage 12).
-  for lm_name in fp32 "$lm_compress_method-r$lm_ratio"; do
-    lm_file=$lmc_dir/lm.k2q
-    [ "$lm_name" = fp32 ] && lm_file=$lm_dir/epoch-$lm_epochs.pt
-    out=$rdir/fp32am-${lm_name}lm
-    if [ -f "$out/rescore-summary.json" ]; then
-      log "  $out already rescored"; continue
+  am_lats=("fp32:$rdir/lattices-$lat_tag")
+  if [ -f "$cdir/$system_am/model.k2q" ]; then
+    sys_tag=$eval_split-$system_am
+    if [ ! -f "$rdir/.stage11.$sys_tag.done" ]; then
+      "$k2quant" decode --model "$cdir/$system_am/model.k2q" --lang-dir "$lang" \
+        --cuts "$fbank/cuts_${eval_split}.jsonl.gz" --out-dir "$rdir" --lm-scale "$lm_scale" \
+        --tag "$sys_tag" --save-lattices --num-threads "$num_threads" --device cpu
+      mark_done "$rdir/.stage11.$sys_tag.done"
     fi
-    "$k2quant" rescore --lattices "$rdir/lattices-$lat_tag" --lm "$lm_file" \
-      --words "$lang/words.txt" --refs "$fbank/cuts_${eval_split}.jsonl.gz" \
-      --num-paths "$rescore_num_paths" --lm-scale "$rescore_lm_scales" \
-      --ngram-scale "$rescore_ngram_scale" --seed "$seed" --out "$out" --no-progress
+    am_lats+=("$system_am:$rdir/lattices-$sys_tag")
+  else
+    log "  no $cdir/$system_am/model.k2q (stage 7 with $system_am in --compress-runs):" \
+      "rescoring the fp32 AM's lattices only"
+  fi
+  for am in "${am_lats[@]}"; do
+    for lm_name in fp32 "$lmc_name"; do
+      lm_file=$lmc_dir/lm.k2q
+      [ "$lm_name" = fp32 ] && lm_file=$lm_dir/epoch-$lm_epochs.pt
+      out=$rdir/${am%%:*}am-${lm_name}lm
+      if [ -f "$out/rescore-summary.json" ]; then
+        log "  $out already rescored"; continue
+      fi
+      "$k2quant" rescore --lattices "${am#*:}" --lm "$lm_file" \
+        --words "$lang/words.txt" --refs "$fbank/cuts_${eval_split}.jsonl.gz" \
+        --num-paths "$rescore_num_paths" --lm-scale "$rescore_lm_scales" \
+        --ngram-scale "$rescore_ngram_scale" --seed "$seed" --out "$out" --no-progress
+    done
   done
 fi
 
-if run_stage 12 "Rescoring results and AM/LM sizes"; then
-  for out in "$rdir"/fp32am-*lm; do
-    log "$out:\n$(cat "$out/wer-summary.txt")"
+if run_stage 12 "AM+LM system report $rdir/systems.md (+ .json): sizes, ratio vs fp32, WER, p-values"; then
+  systems=
+  for name in fp32am-fp32lm fp32am-${lmc_name}lm ${system_am}am-fp32lm ${system_am}am-${lmc_name}lm; do
+    [ -f "$rdir/$name/rescore-summary.json" ] && systems=${systems:+$systems,}$rdir/$name
   done
-  log "files (AM: packed fp32 / $system_am; LM: fp32 checkpoint / packed):\n$(ls -l \
-    "$cdir/fp32/fp32.k2q" "$cdir/$system_am/model.k2q" "$lm_dir/epoch-$lm_epochs.pt" \
-    "$lmc_dir/lm.k2q" 2>&1)"
-  log "The AM+LM system rows (size and ratio vs the fp32 system, WER, p-value) need a" \
-    "'k2quant report' that takes LM summaries and rescoring outputs (not supported yet)."
+  [ -f "$rdir/fp32am-fp32lm/rescore-summary.json" ] || die "no $rdir/fp32am-fp32lm; run stage 11 first"
+  "$k2quant" report --systems "$systems" --out "$rdir/systems.md" \
+    --title "$corpus_title: AM + LM systems (TDNN-F $model_preset epoch $num_epochs avg $avg)"
 fi

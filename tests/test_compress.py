@@ -146,3 +146,58 @@ def test_compress_nas(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["ratio"] >= 2.5 * 0.98, rep["search"]
+
+
+def test_decode_packed_model_matches_compress(tiny, tmp_path):
+    """``k2quant decode --model model.k2q`` decodes the packed export as compress did (same
+    per-utterance errors), records the AM size with its lattices, and reads the feature
+    normalisation from the packed header."""
+    from k2quant.export import read_header
+    from k2quant.scoring import read_per_utt_errors
+
+    out = tmp_path / "u4"
+    r = _run(_args(tiny, out, "--method", "uniform", "--bits", "4"))
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    meta = read_header(out / "model.k2q").extra
+    assert meta["utt_cmn"] is True and meta["fp32_params"] == rep["fp32_params"]
+    dec = tmp_path / "dec"
+    r = _run(["decode", "--model", str(out / "model.k2q"), "--lang-dir", str(tiny["lang"]),
+              "--cuts", str(tiny["dev"]), "--out-dir", str(dec), "--save-lattices",
+              "--tag", "packed", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    got = read_per_utt_errors(dec / "per_utt-packed.tsv")
+    want = read_per_utt_errors(out / "decode" / "per_utt-compressed.tsv")
+    assert {u: (e.errors, e.ref_len) for u, e in got.utts.items()} == \
+        {u: (e.errors, e.ref_len) for u, e in want.utts.items()}
+    am = json.loads((dec / "lattices-packed" / "am-info.json").read_text())
+    assert am["packed"] is True and am["bytes"] == (out / "model.k2q").stat().st_size
+    assert am["fp32_params"] == rep["fp32_params"]
+    assert len(list((dec / "lattices-packed").glob("*.pt"))) == 8
+    # a training checkpoint through --model == --exp-dir/--epoch
+    r1 = _run(["decode", "--model", str(tiny["model"]), "--lang-dir", str(tiny["lang"]),
+               "--cuts", str(tiny["dev"]), "--out-dir", str(dec), "--tag", "ckpt",
+               "--save-lattices", "--device", "cpu"])
+    r2 = _run(["decode", "--exp-dir", str(tiny["model"].parent), "--epoch", "1",
+               "--lang-dir", str(tiny["lang"]), "--cuts", str(tiny["dev"]), "--out-dir",
+               str(dec), "--tag", "exp", "--device", "cpu"])
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
+    assert (dec / "hyps-ckpt.txt").read_text() == (dec / "hyps-exp.txt").read_text()
+    am = json.loads((dec / "lattices-ckpt" / "am-info.json").read_text())
+    assert am["packed"] is False and am["bytes"] == 4 * am["params"] == 4 * rep["fp32_params"]
+
+
+def test_decode_model_bad_inputs(tiny, tmp_path):
+    common = ["--lang-dir", str(tiny["lang"]), "--cuts", str(tiny["dev"]),
+              "--out-dir", str(tmp_path / "d"), "--device", "cpu"]
+    r = CliRunner().invoke(cli, ["decode", "--model", str(tiny["model"]), "--exp-dir",
+                                 str(tiny["model"].parent), "--epoch", "1", *common])
+    assert r.exit_code != 0 and "either --model or --exp-dir" in r.output
+    r = CliRunner().invoke(cli, ["decode", *common])
+    assert r.exit_code != 0 and "--model FILE" in r.output
+    r = CliRunner().invoke(cli, ["decode", "--model", str(tmp_path / "none.k2q"), *common])
+    assert r.exit_code != 0 and "none.k2q: no such file" in r.output
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    r = CliRunner().invoke(cli, ["decode", "--model", str(junk), *common])
+    assert r.exit_code != 0 and "neither a packed .k2q export nor a k2quant checkpoint" in r.output

@@ -115,13 +115,32 @@ def test_lm_and_rescore_stages(recipe, stubs, tmp_path):
     assert _opt(lm, "--num-epochs") == "20"
     (clm,) = _calls(log, "compress-lm")
     assert _opt(clm, "--ratio") == "12" and _opt(clm, "--lm") == str(exp / "lm" / "epoch-20.pt")
-    (dec,) = _calls(log, "decode")
-    assert "--save-lattices" in dec
+    (dec,) = _calls(log, "decode")  # no compressed AM yet: fp32 lattices only
+    assert "--save-lattices" in dec and _opt(dec, "--exp-dir") == str(exp)
+    assert "rescoring the fp32 AM's lattices only" in p.stderr
     resc = _calls(log, "rescore")
     assert [Path(_opt(c, "--lm")).name for c in resc] == ["epoch-20.pt", "lm.k2q"]
     for c in resc:
         assert _opt(c, "--ngram-scale") == "1" and "," in _opt(c, "--lm-scale")
-    assert "not supported yet" in p.stderr  # stage 12 names the missing AM+LM report
+    (rep,) = _calls(log, "report")
+    assert [Path(d).name for d in _opt(rep, "--systems").split(",")] == [
+        "fp32am-fp32lm", "fp32am-kl-r12lm"]
+
+    # with the compressed AM present: its lattices (decode --model) and all four systems
+    system_am = "hessian-sub-r16" if recipe == AN4 else "hessian-sub-r12.5"
+    (exp / "compress" / system_am).mkdir(parents=True)
+    (exp / "compress" / system_am / "model.k2q").touch()
+    log.unlink()
+    p = _run(recipe, env, data, exp, "--stage", "11", "--stop-stage", "12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (dec,) = _calls(log, "decode")  # the fp32 lattices are done already
+    assert _opt(dec, "--model") == str(exp / "compress" / system_am / "model.k2q")
+    resc = _calls(log, "rescore")
+    assert [Path(_opt(c, "--lattices")).name for c in resc] == [f"lattices-dev-{system_am}"] * 2 \
+        if recipe == AN4 else [f"lattices-test-{system_am}"] * 2
+    (rep,) = _calls(log, "report")
+    assert [Path(d).name for d in _opt(rep, "--systems").split(",")] == [
+        "fp32am-fp32lm", "fp32am-kl-r12lm", f"{system_am}am-fp32lm", f"{system_am}am-kl-r12lm"]
 
 
 def test_mini_default_stops_before_compression():

@@ -110,3 +110,94 @@ def test_report_bad_inputs(tmp_path):
     r = CliRunner().invoke(cli, ["report", "--rows", str(tmp_path / "x"), "--out",
                                  str(tmp_path / "r.md")])
     assert r.exit_code != 0 and "not a k2quant compress report" in r.output
+
+
+# ---- AM + LM systems (k2quant report --systems) ----------------------------------------------
+def _system(d, am_bytes, am_packed, lm_bytes, lm_packed, errs_by_setting, baseline_errs,
+            num_utts=100):
+    """A hand-made ``k2quant rescore --out`` directory."""
+    d.mkdir(parents=True, exist_ok=True)
+    details, wer = {}, {}
+    for name, errs in [("1best", baseline_errs), *errs_by_setting.items()]:
+        _per_utt(d / f"per_utt-{name}.tsv", errs)
+        details[name] = {"wer": 100.0 * sum(errs) / (10 * len(errs)), "errors": sum(errs),
+                         "ref_words": 10 * len(errs)}
+        if name != "1best":
+            wer[name] = details[name]["wer"]
+    best = min(wer, key=wer.get)
+    s = {"lattice_dir": str(d / "lats"), "lm": str(d / ("lm.k2q" if lm_packed else "epoch-20.pt")),
+         "lm_size": {"params": 1000, "packed": lm_packed, "bytes": lm_bytes},
+         "am": {"model": str(d / ("model.k2q" if am_packed else "epoch-6.pt (avg 2)")),
+                "params": 5000, "packed": am_packed, "bytes": am_bytes, "fp32_params": 5000},
+         "num_utts": num_utts, "baseline_wer": details["1best"]["wer"], "wer": wer,
+         "wer_details": details, "best_setting": best, "best_wer": wer[best],
+         "utts_per_second": 10.0}
+    (d / "rescore-summary.json").write_text(json.dumps(s))
+    return d
+
+
+def test_system_rows_sizes_setting_and_verdict(tmp_path):
+    from k2quant.report import build_system_rows, load_rescore_summaries
+
+    base = [0, 1, 0, 2, 1] * 20
+    ref = _system(tmp_path / "fp32am-fp32lm", 20000, False, 4000, False,
+                  {"lm_scale_0.3": [0, 1, 0, 1, 1] * 20, "lm_scale_0.5": [0, 1, 0, 2, 1] * 20},
+                  base)
+    same = _system(tmp_path / "c", 1500, True, 300, True,
+                   {"lm_scale_0.3": [0, 1, 0, 1, 1] * 20, "lm_scale_0.5": [0, 0, 0, 1, 1] * 20},
+                   base)
+    worse = _system(tmp_path / "w", 1000, True, 200, True,
+                    {"lm_scale_0.3": [1, 2, 1, 2, 2] * 20, "lm_scale_0.5": [1, 2, 1, 2, 2] * 20},
+                    base)
+    rows = build_system_rows(load_rescore_summaries([str(ref), f"small={same}", str(worse)]))
+    r0, r1, r2 = rows
+    assert [r["system"] for r in rows] == ["fp32am-fp32lm", "small", "w"]
+    # the reference's best setting is used for all rows (not each row's own best)
+    assert all(r["setting"] == "lm_scale_0.3" for r in rows)
+    assert r1["own_best_setting"] == "lm_scale_0.5" and r1["wer"] == pytest.approx(6.0)
+    assert r1["bytes"] == 1800 and r1["ratio"] == pytest.approx(24000 / 1800)
+    assert r2["ratio"] == pytest.approx(20.0)
+    assert r0["lossless"] is None and r0["ratio"] == pytest.approx(1.0)
+    assert r1["lossless"] is True and r1["p_mapsswe"] >= 0.05
+    assert r2["lossless"] is False and r2["p_mapsswe"] < 0.001
+    # an explicit setting
+    rows = build_system_rows(load_rescore_summaries([str(ref), str(same)]),
+                             setting="lm_scale_0.5")
+    assert rows[1]["wer"] == pytest.approx(4.0)
+
+
+def test_system_report_cli_and_errors(tmp_path):
+    base = [0, 1, 0, 2, 1] * 20
+    ref = _system(tmp_path / "ref", 20000, False, 4000, False, {"lm_scale_0.3": base}, base)
+    comp = _system(tmp_path / "comp", 1500, True, 300, True, {"lm_scale_0.3": base}, base)
+    out = tmp_path / "systems.md"
+    r = CliRunner().invoke(cli, ["report", "--systems", f"{ref},{comp}", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = out.read_text()
+    assert "| comp | comp/model.k2q | comp/lm.k2q | 1,500 | 300 | 1,800 | 13.33x |" in md
+    js = json.loads(out.with_suffix(".json").read_text())
+    assert js["format"] == "k2quant-system-table" and js["setting"] == "lm_scale_0.3"
+    # the reference must be the fp32 system
+    r = CliRunner().invoke(cli, ["report", "--systems", f"{comp},{ref}", "--out", str(out)])
+    assert r.exit_code != 0 and "must be the fp32 reference" in r.output
+    # unknown setting, missing dir, --rows and --systems together
+    r = CliRunner().invoke(cli, ["report", "--systems", f"{ref},{comp}", "--setting",
+                                 "lm_scale_9", "--out", str(out)])
+    assert r.exit_code != 0 and "no rescoring setting 'lm_scale_9'" in r.output
+    r = CliRunner().invoke(cli, ["report", "--systems", f"{ref},{tmp_path / 'nope'}",
+                                 "--out", str(out)])
+    assert r.exit_code != 0 and "rescore-summary.json" in r.output
+    r = CliRunner().invoke(cli, ["report", "--systems", str(ref), "--rows", str(ref),
+                                 "--out", str(out)])
+    assert r.exit_code != 0 and "exactly one of --rows" in r.output
+    # a different utterance set
+    other = _system(tmp_path / "other", 1500, True, 300, True, {"lm_scale_0.3": base}, base,
+                    num_utts=99)
+    r = CliRunner().invoke(cli, ["report", "--systems", f"{ref},{other}", "--out", str(out)])
+    assert r.exit_code != 0 and "rescore the same set" in r.output
+    # summary without sizes (old rescore / foreign lattices)
+    s = json.loads((comp / "rescore-summary.json").read_text())
+    s["am"] = None
+    (comp / "rescore-summary.json").write_text(json.dumps(s))
+    r = CliRunner().invoke(cli, ["report", "--systems", f"{ref},{comp}", "--out", str(out)])
+    assert r.exit_code != 0 and "am-info.json" in r.output

@@ -276,6 +276,11 @@ def test_cli_end_to_end(lattice_dir, lm_ckpt, tmp_path):
     s = json.loads((out / "rescore-summary.json").read_text())
     assert s["num_utts"] == 4 and s["num_empty_lattices"] == 1 and s["empty_lattices"] == ["utt3"]
     assert s["utts_per_second"] > 0
+    # sizes for the system report: float LM = 4 bytes/param; these lattices have no am-info
+    from k2quant.models.transformer_lm import load_lm
+    n = sum(p.numel() for p in load_lm(lm_ckpt).parameters())
+    assert s["lm_size"] == {"params": n, "packed": False, "bytes": 4 * n}
+    assert s["am"] is None
     # 10 reference words; baseline: 3 substitutions + 1 deletion (empty utt3)
     assert s["baseline_wer"] == pytest.approx(40.0)
     assert s["wer"]["lm_scale_2"] == pytest.approx(10.0)
@@ -322,6 +327,8 @@ def test_cli_with_packed_quantized_lm(lattice_dir, lm_ckpt, tmp_path):
     assert r.exit_code == 0, r.output + repr(r.exception)
     s = json.loads((out / "rescore-summary.json").read_text())
     assert s["wer"]["lm_scale_2"] == pytest.approx(10.0)
+    assert s["lm_size"]["packed"] is True
+    assert s["lm_size"]["bytes"] == (tmp_path / "lm8.k2q").stat().st_size
 
 
 def test_bpe_lm_scores_words(tmp_path):

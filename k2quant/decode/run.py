@@ -196,6 +196,70 @@ def score_and_write(res: DecodeResult, out: Path, tag: str, lm_scales: Sequence[
     atomic_write_text(out / f"wer-summary-{tag}.txt", "\n".join(lines) + "\n")
 
 
+AM_INFO_FILE = "am-info.json"
+
+
+def am_info(model: nn.Module, source: str, packed_path: Optional[Any] = None,
+            fp32_params: Optional[int] = None) -> Dict[str, Any]:
+    """What a lattice directory records about the acoustic model that produced it (read by
+    ``k2quant rescore`` and the system report): ``model`` (its source), ``params``, ``packed``
+    and ``bytes``: the packed file's size on disk, or 4 bytes per parameter for a float
+    checkpoint (the fp32 reference size), and ``fp32_params`` (of the fp32 model it came from,
+    when known)."""
+    import os
+
+    params = sum(p.numel() for name, p in model.named_parameters() if "_quantizers." not in name)
+    info: Dict[str, Any] = {"model": source, "params": int(params), "packed": packed_path is not None}
+    if packed_path is not None:
+        info["bytes"] = os.path.getsize(packed_path)
+        info["fp32_params"] = int(fp32_params) if fp32_params else None
+    else:
+        info["bytes"] = 4 * int(params)
+        info["fp32_params"] = int(params)
+    return info
+
+
+def _decode_and_write(model: nn.Module, utt_cmn: bool, lang_dir: str, cuts_path: str,
+                      out_dir: str, hlg_path: Optional[str], opts: DecodeOptions,
+                      dev: torch.device, tag: str, extra: Dict[str, Any],
+                      am: Dict[str, Any]) -> DecodeResult:
+    from k2quant.decode.graph import load_hlg
+    from k2quant.training.dataset import load_cuts
+
+    hlg, words_txt = graph_files(
+        lang_dir, hlg_path,
+        f"'k2quant compile-hlg --lang-dir {lang_dir} --arpa WORD_LM.arpa' (the recipe's LM stage)")
+    opts.utt_cmn = bool(utt_cmn)
+    HLG = load_hlg(hlg, device=dev)
+    cuts = load_cuts(cuts_path)
+    out = Path(out_dir)
+    lat_dir = out / f"lattices-{tag}" if opts.save_lattices else None
+    log.info("decoding %s with %s, graph %s, lm scales %s", cuts_path, am["model"], hlg,
+             list(opts.lm_scales))
+    res = decode_cuts(model.to(dev).eval(), HLG, cuts, read_words_table(words_txt), opts,
+                      device=dev, lattice_dir=lat_dir, words_txt=words_txt)
+    if lat_dir is not None:
+        atomic_write_json(lat_dir / AM_INFO_FILE, am)
+    score_and_write(res, out, tag, opts.lm_scales, {
+        **extra, "am": am, "cuts": str(cuts_path), "utt_cmn": bool(utt_cmn),
+        "decode_seconds": round(res.seconds, 2),
+        "real_time_factor": round(res.seconds / max(res.audio_seconds, 1e-9), 4)})
+    log.info("decoded %.1f s of audio in %.1f s (RTF %.3f)", res.audio_seconds, res.seconds,
+             res.seconds / max(res.audio_seconds, 1e-9))
+    return res
+
+
+def _device(device: str, num_threads: int) -> torch.device:
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available()
+                        else "cpu")
+
+
+def _split_name(cuts_path: str) -> str:
+    return Path(cuts_path).name.replace("cuts_", "").split(".")[0]
+
+
 def run_decode(
     exp_dir: str,
     epoch: int,
@@ -215,34 +279,79 @@ def run_decode(
     The feature normalisation (``utt_cmn``) is taken from the checkpoint's training config.
     Returns the :class:`DecodeResult` (``wer[lm_scale]`` are :class:`k2quant.scoring.WerResult`).
     """
-    from k2quant.decode.graph import load_hlg
     from k2quant.training.checkpoint import checkpoint_path, load_averaged_model
-    from k2quant.training.dataset import load_cuts
 
     opts = opts or DecodeOptions()
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    hlg, words_txt = graph_files(
-        lang_dir, hlg_path,
-        f"'k2quant compile-hlg --lang-dir {lang_dir} --arpa WORD_LM.arpa' (the recipe's LM stage)")
+    dev = _device(device, num_threads)
     cfg = load_trusted(checkpoint_path(exp_dir, epoch)).get("config", {})
-    opts.utt_cmn = bool(cfg.get("utt_cmn", opts.utt_cmn))
     model = load_averaged_model(exp_dir, epoch, avg, device=str(dev))
-    HLG = load_hlg(hlg, device=dev)
-    cuts = load_cuts(cuts_path)
-    split = Path(cuts_path).name.replace("cuts_", "").split(".")[0]
-    tag = tag or f"{split}-epoch-{epoch}-avg-{avg}"
-    out = Path(out_dir)
-    lat_dir = out / f"lattices-{tag}" if opts.save_lattices else None
-    log.info("decoding %s with %s (epoch %d, avg %d), graph %s, lm scales %s",
-             cuts_path, exp_dir, epoch, avg, hlg, list(opts.lm_scales))
-    res = decode_cuts(model, HLG, cuts, read_words_table(words_txt), opts, device=dev,
-                      lattice_dir=lat_dir, words_txt=words_txt)
-    score_and_write(res, out, tag, opts.lm_scales, {
-        "epoch": epoch, "avg": avg, "cuts": str(cuts_path), "exp_dir": str(exp_dir),
-        "decode_seconds": round(res.seconds, 2),
-        "real_time_factor": round(res.seconds / max(res.audio_seconds, 1e-9), 4)})
-    log.info("decoded %.1f s of audio in %.1f s (RTF %.3f)", res.audio_seconds, res.seconds,
-             res.seconds / max(res.audio_seconds, 1e-9))
-    return res
+    tag = tag or f"{_split_name(cuts_path)}-epoch-{epoch}-avg-{avg}"
+    source = f"{Path(exp_dir) / f'epoch-{epoch}.pt'} (avg {avg})"
+    return _decode_and_write(model, bool(cfg.get("utt_cmn", opts.utt_cmn)), lang_dir, cuts_path,
+                             out_dir, hlg_path, opts, dev, tag,
+                             {"epoch": epoch, "avg": avg, "exp_dir": str(exp_dir)},
+                             am_info(model, source))
+
+
+def run_decode_model(
+    model_path: str,
+    lang_dir: str,
+    cuts_path: str,
+    out_dir: str,
+    *,
+    utt_cmn: Optional[bool] = None,
+    hlg_path: Optional[str] = None,
+    opts: Optional[DecodeOptions] = None,
+    device: str = "auto",
+    tag: Optional[str] = None,
+    num_threads: int = 0,
+) -> DecodeResult:
+    """``k2quant decode --model FILE``: decode with one model file, a packed ``.k2q`` export
+    (``k2quant compress``'s ``model.k2q``, any :func:`k2quant.export.save_packed` file of an
+    acoustic model) or a single training checkpoint ``epoch-N.pt``.
+
+    ``utt_cmn`` (per-utterance mean normalisation of the features, as in training): None takes
+    it from the file (packed header metadata written by ``k2quant compress``, or the
+    checkpoint's training config), else True (the recipes' setting).
+    Raises ``ValueError`` when the file holds no acoustic model.
+    """
+    from k2quant.export import is_packed_file, load_packed, read_header
+
+    opts = opts or DecodeOptions()
+    dev = _device(device, num_threads)
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {path}: no such file (a packed .k2q export or an "
+                                f"epoch-N.pt checkpoint)")
+    if is_packed_file(path):
+        meta = read_header(path).extra
+        model = load_packed(path)
+        stored = meta.get("utt_cmn")
+        am = am_info(model, str(path), packed_path=path, fp32_params=meta.get("fp32_params"))
+    else:
+        from k2quant.models import build_model
+        from k2quant.training.checkpoint import average_checkpoints
+
+        try:
+            ck = average_checkpoints([path])
+        except Exception as e:  # not a torch file
+            raise ValueError(f"--model {path}: neither a packed .k2q export nor a k2quant "
+                             f"checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ck.get("model_spec"), dict):
+            raise ValueError(f"--model {path}: the checkpoint has no model_spec; it was not "
+                             f"written by 'k2quant train' / 'k2quant average-checkpoints'")
+        model = build_model(ck["model_spec"])
+        model.load_state_dict(ck["model"])
+        stored = (ck.get("config") or {}).get("utt_cmn")
+        am = am_info(model, str(path))
+    if getattr(model, "subsampling_factor", None) is None or not hasattr(model, "forward"):
+        raise ValueError(f"--model {path}: holds a {type(model).__name__}, not an acoustic "
+                         f"model (TDNN-F)")
+    if utt_cmn is None:
+        utt_cmn = True if stored is None else bool(stored)
+    elif stored is not None and bool(stored) != bool(utt_cmn):
+        log.warning("%s was trained with utt_cmn=%s; decoding with utt_cmn=%s as asked",
+                    path, stored, utt_cmn)
+    tag = tag or f"{_split_name(cuts_path)}-{path.stem}"
+    return _decode_and_write(model, utt_cmn, lang_dir, cuts_path, out_dir, hlg_path, opts, dev,
+                             tag, {"model": str(path)}, am)

@@ -46,7 +46,7 @@ import os
 import struct
 import sys
 import zlib
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -304,7 +304,8 @@ def _write_chunks(f, chunks: Iterable[bytes]) -> None:
         f.write(c)
 
 
-def save_packed(model: nn.Module, path: PathLike) -> Dict[str, int]:
+def save_packed(model: nn.Module, path: PathLike,
+                extra: Optional[Mapping[str, Any]] = None) -> Dict[str, int]:
     """Write ``model`` as a packed low-bit file at ``path`` (atomically).
 
     Every ``<w>_codes`` buffer of a converted quantized module (``QuantModule.quantized_tensors()``)
@@ -318,6 +319,9 @@ def save_packed(model: nn.Module, path: PathLike) -> Dict[str, int]:
         not modified.
       path: destination; written through a temporary file and an atomic rename, so an existing
         file is either fully replaced or untouched.
+      extra: optional JSON-able metadata stored in the header (``PackedHeader.extra``), e.g.
+        the feature normalisation the model expects (``{"utt_cmn": true}``) or the parameter
+        count of the fp32 model it was compressed from (``"fp32_params"``).
 
     Returns:
       ``{"file_bytes": ..., "header_bytes": ..., "payload_bytes": ...}``.
@@ -348,6 +352,12 @@ def save_packed(model: nn.Module, path: PathLike) -> Dict[str, int]:
         "p": offset,
         "t": entries,
     }
+    if extra:
+        try:
+            json.dumps(dict(extra))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"save_packed: extra metadata must be JSON-able ({e})") from None
+        header["x"] = dict(extra)
     hbytes = zlib.compress(
         json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8"), 9
     )
@@ -370,7 +380,8 @@ class PackedHeader:
 
     Attributes:
       path: the file; version: format version; k2quant_version: writer's k2quant version;
-      spec: model spec dict or None; plan: plan JSON or None; tensors: list of entry dicts
+      spec: model spec dict or None; plan: plan JSON or None; extra: the ``extra`` metadata
+      given to :func:`save_packed` (``{}`` if none); tensors: list of entry dicts
       (see the module docstring); payload_offset: byte offset of the payload in the file;
       payload_bytes: payload size; file_bytes: expected total file size.
     """
@@ -381,6 +392,7 @@ class PackedHeader:
         self.k2quant_version = header.get("v")
         self.spec = header.get("spec")
         self.plan = header.get("plan")
+        self.extra: Dict[str, Any] = dict(header.get("x") or {})
         self.tensors: List[dict] = header["t"]
         self.payload_offset = payload_offset
         self.payload_bytes = int(header["p"])

@@ -63,7 +63,7 @@ exp_dir=exp
 #   uniformB            every layer at B bits (method uniform)
 #   M-rX                mixed precision by M (hessian|kl|nas) at on-disk ratio X vs fp32
 #   M-bX                mixed precision by M at X average bits
-#   M-u2size            mixed precision by M at the file size of uniform2 (run uniform2 first)
+#   M-uBsize            mixed precision by M at the file size of uniformB (run uniformB first)
 #   M-sub-rX            M (hessian|kl) + TDNN-F bottleneck dims (--subspace) at ratio X
 # Default: a few minutes per run on 2 cores; --compress-runs "$compress_runs_full": the full table.
 compress_runs="uniform2 hessian-u2size hessian-sub-r12.5"
@@ -90,7 +90,7 @@ help_message="Usage: $0 [options]
                                8 compression report, 9 Transformer LM, 10 compress LM,
                                11 lattices + rescoring, 12 rescoring summary)
   --compress-runs \"NAME ...\" [$compress_runs]
-                               uniformB | M-rX | M-bX | M-u2size | M-sub-rX (M: hessian|kl|nas);
+                               uniformB | M-rX | M-bX | M-uBsize | M-sub-rX (M: hessian|kl|nas);
                                full table: --compress-runs \"$compress_runs_full\"
   --compress-sens-utts N [$compress_sens_utts]  --compress-qat-epochs N [$compress_qat_epochs]
   --lm-text FILE  LM training text (plain) [training transcripts]  --lm-epochs N [$lm_epochs]
