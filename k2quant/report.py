@@ -216,7 +216,7 @@ def make_report(paths: Sequence[PathLike], out: PathLike, title: Optional[str] =
 # ---------------------------------------------------------------------------------------------
 SYSTEM_COLUMNS = ("system", "AM", "LM", "AM bytes", "LM bytes", "AM+LM bytes",
                   "ratio vs fp32 system", "1-best WER (%)", "WER (%)", "p MAPSSWE",
-                  "p bootstrap", "lossless")
+                  "p bootstrap", "lossless", "rescoring utt/s")
 SUMMARY_FILE = "rescore-summary.json"
 
 
@@ -326,14 +326,15 @@ def render_system_markdown(rows: Sequence[ReportRow], title: Optional[str] = Non
                            alpha: float = 0.05) -> str:
     lines = [f"# {title}", ""] if title else []
     lines.append("| " + " | ".join(SYSTEM_COLUMNS) + " |")
-    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(SYSTEM_COLUMNS) - 4) + [":---:"])
-                 + "|")
+    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(SYSTEM_COLUMNS) - 5) + [":---:"]
+                                + ["---:"]) + "|")
     for r in rows:
         lossless = "-" if r["lossless"] is None else ("yes" if r["lossless"] else "no")
         lines.append("| " + " | ".join([
             r["system"], r["am"], r["lm"], f"{r['am_bytes']:,}", f"{r['lm_bytes']:,}",
             f"{r['bytes']:,}", f"{r['ratio']:.2f}x", f"{r['one_best_wer']:.2f}",
             f"{r['wer']:.2f}", _fmt_p(r["p_mapsswe"]), _fmt_p(r["p_bootstrap"]), lossless,
+            "-" if r.get("utts_per_second") is None else f"{r['utts_per_second']:.2f}",
         ]) + " |")
     setting = rows[0]["setting"] if rows else "-"
     lines += [
@@ -343,7 +344,8 @@ def render_system_markdown(rows: Sequence[ReportRow], title: Optional[str] = Non
         f"lattice best path before rescoring. Bytes: packed files on disk, 4 bytes per "
         f"parameter for float models; ratio vs the first (fp32) system. p-values one-sided "
         f"(H1: the WER rises vs the first row) on the same utterances; lossless = both "
-        f"p >= {alpha:g}.",
+        f"p >= {alpha:g}. rescoring utt/s: n-best LM rescoring throughput of each run "
+        f"(lattice reading, n-best extraction and LM scoring; same machine, sequential runs).",
     ]
     return "\n".join(lines) + "\n"
 

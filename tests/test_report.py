@@ -175,6 +175,7 @@ def test_system_report_cli_and_errors(tmp_path):
     assert r.exit_code == 0, r.output
     md = out.read_text()
     assert "| comp | comp/model.k2q | comp/lm.k2q | 1,500 | 300 | 1,800 | 13.33x |" in md
+    assert md.splitlines()[3].endswith("| yes | 10.00 |")
     js = json.loads(out.with_suffix(".json").read_text())
     assert js["format"] == "k2quant-system-table" and js["setting"] == "lm_scale_0.3"
     # the reference must be the fp32 system
