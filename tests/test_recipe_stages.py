@@ -93,6 +93,16 @@ def test_compress_stage_maps_run_names(recipe, stubs):
     assert p.returncode == 0 and not log.exists(), p.stderr[-2000:]
 
 
+def test_compress_stage_size_matched_to_any_uniform_width(stubs):
+    env, log, data, exp = stubs
+    p = _run(AN4, env, data, exp, "--stage", "7", "--stop-stage", "7",
+             "--compress-runs", "uniform3 kl-u3size")
+    assert p.returncode == 0, p.stderr[-3000:]
+    u3, kl = _calls(log, "compress")
+    assert _opt(u3, "--bits") == "3" and _opt(kl, "--size-bytes") == "1234"
+    assert _opt(kl, "--method") == "kl"
+
+
 def test_compress_stage_rejects_bad_names(stubs):
     env, log, data, exp = stubs
     p = _run(AN4, env, data, exp, "--stage", "7", "--stop-stage", "7", "--compress-runs", "foo")
