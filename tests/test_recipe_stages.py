@@ -45,7 +45,8 @@ def stubs(tmp_path):
     env = dict(os.environ, K2QUANT=str(bindir / "k2quant"), STUB_LOG=str(log))
     data, exp = tmp_path / "data", tmp_path / "exp"
     (exp).mkdir()
-    (exp / "epoch-6.pt").touch()
+    for e in (6, 20):  # an4 and mini defaults
+        (exp / f"epoch-{e}.pt").touch()
     (data / "kaldi" / "train").mkdir(parents=True)
     (data / "kaldi" / "train" / "text").write_text("u1 A B\nu2 C\n")
     return env, log, data, exp
