@@ -13,38 +13,46 @@
 # preset, phone-LM denominator, leaky HMM), 5 decoding (HLG 1-best), 6 scoring,
 # 7 compression runs of the acoustic model (k2quant compress; --compress-runs), 8 their report
 # table (exp/compress/report.md + .json), 9 Transformer word LM on the training transcripts
-# (or --lm-text), 10 its ~2-bit compression (k2quant compress-lm), 11 dev decoding with saved
-# lattices (fp32 AM) and n-best rescoring with the fp32 and the compressed LM, 12 the rescoring
-# results and the AM/LM file sizes (the AM+LM system table is not a CLI yet, see stage 12).
+# (or --lm-text), 10 its ~2-bit compression (k2quant compress-lm), 11 dev lattices of the fp32
+# AM and of the compressed AM (--system-am, decoded from its .k2q) and n-best rescoring of both
+# with the fp32 and the compressed LM, 12 the AM+LM system table (exp/rescore/systems.md).
 #
 # Usage: egs/an4/ASR/run.sh --corpus-dir /path/to/an4 [--stage N] [--stop-stage N] ...
 #        egs/an4/ASR/run.sh --corpus-dir download/an4 --download true
 #
 # Results (dev = 8 held-out training speakers, 104 utterances, 639 words; train 844 utterances,
-# 0.62 h; fp32; 2 CPU threads on a machine shared with other jobs, load average 4-6, so the
-# times are pessimistic: the same epoch took 22 s on a quiet machine and 311 s on a busy one):
-#   | model (params)      | epochs | augmentation               | train time | dev WER (%), epoch 6 avg 2 |
-#   |---------------------|--------|----------------------------|------------|----------------------------|
-#   | TDNN-F small (2.4M) | 6      | none (recipe default)      | 19.4 min   | 11.89 [76/639]             |
-#   | TDNN-F small (2.4M) | 6      | SpecAugment + frame shifts | 25.6 min   | 21.44 [137/639] (underfits)|
-# Both with den phone bigram, word trigram, lm scale 1.0, max-duration 50 s, Adam 3e-3 -> 3e-4.
+# 0.62 h; fp32 TDNN-F small, 2.4M params, den phone bigram, word trigram, lm scale 1.0,
+# max-duration 50 s, Adam 3e-3 -> 3e-4, epoch N avg 2):
+#   | epochs | augmentation               | train time (2 cores)        | dev WER (%)     |
+#   |--------|----------------------------|-----------------------------|-----------------|
+#   | 20     | none (recipe default)      | 27-40 s/epoch, ~11 min      | 7.20 [46/639]   |
+#   | 6      | none                       | 22 s/epoch quiet            | 11.89 [76/639]  |
+#   | 6      | SpecAugment + frame shifts | 25.6 min (loaded machine)   | 21.44 (underfits)|
 #
-# Stages 7-11 (dev, 639 words; AN4 small model above, fp32 1-best 11.89%; load 6-10 on 2 cores).
-# AM alone (stage 8, exp/compress/report.md): uniform2 13.56x 8.14%, hessian-u2size 13.57x
-# 8.92%, hessian-sub-r16 16.01x 9.86% (2.66 bits, 1.49M params), all p >= 0.9 vs fp32;
-# hessian-u2size 95 s (resumed QAT), hessian-sub-r16 762 s and uniform2 546 s at load ~8.
-# AM + LM, rescored with ngram scale 1, 100 paths:
-#   | system (AM + LM)                     | AM+LM bytes | ratio | 1-best | rescored (lm scale) | p vs fp32 |
-#   |--------------------------------------|-------------|-------|--------|---------------------|-----------|
-#   | fp32 AM + fp32 LM (409k params)      | 11,271,336  | 1.00x | 11.89  | 11.27 (0.1)         | -         |
-#   | fp32 AM + LM kl-r12 (2.15 bits)      |  9,768,271  | 1.15x | 11.89  | 11.11 (0.2)         | 0.84      |
-#   | hessian-sub-r16 AM + LM kl-r12       |    736,968  | 15.3x |  9.86  |  7.82 (0.7)         | 0.99      |
-#   | hessian-sub-r16 AM + LM kl-r16 (1.5b)|    703,988  | 16.0x |  9.86  |  8.45 (0.4)         | 0.96      |
-# LM: ppl 16.62 (fp32) -> 16.52 (kl-r12, 135,219 bytes, 12.1x) / 16.90 (kl-r16, 102,239 bytes);
-# p = MAPSSWE, one-sided, vs the fp32 system at its best scale (scales chosen on dev: optimistic).
-# The compressed-AM rows need lattices of the packed model, which no CLI writes yet (stage 11);
-# they were measured with the library's decode_cuts(lattice_dir=...) on model.k2q.
-# Rescoring 104 lattices, 100 paths, same run: fp32 LM 0.95-1.19 utt/s, packed LM 0.89-1.15.
+# Stage 8 (exp/compress/report.md; fp32 7.20%; QAT 2 epochs; 1 thread per run, two runs at a
+# time): ratio = 4 x fp32 params / bytes of model.k2q; p = one-sided MAPSSWE vs fp32.
+#   | run               | avg bits | bytes     | ratio  | WER  | p     |  | run          | bits | ratio  | WER  |
+#   | uniform8          | 8.00     | 2,512,218 | 3.83x  | 6.73 | 0.73  |  | hessian-r8   | 3.64 | 8.00x  | 7.20 |
+#   | uniform4          | 4.00     | 1,311,199 | 7.35x  | 6.89 | 0.65  |  | kl-r8        | 3.63 | 8.02x  | 6.57 |
+#   | uniform3          | 3.00     | 1,010,931 | 9.53x  | 7.04 | 0.58  |  | nas-r8       | 3.63 | 8.02x  | 6.26 |
+#   | hessian-u3size    | 2.97     | 1,000,885 | 9.62x  | 7.20 | 0.50  |  | kl-u3size    | 3.00 | 9.54x  | 8.14 |
+#   | uniform2          | 2.00     |   710,701 | 13.55x | 7.82 | 0.32  |  | kl-u2size    | 1.99 | 13.59x | 7.51 |
+#   | hessian-u2size    | 2.00     |   710,046 | 13.57x | 7.67 | 0.30  |  | nas-u2size   | 1.98 | 13.65x | 7.67 |
+#   | hessian-sub-r12.5 | 3.00     |   770,308 | 12.51x | 6.26 | 0.84  |  | (1.77M params)              |
+#   | hessian-sub-r16   | 2.60     |   601,820 | 16.01x | 6.42 | 0.82  |  | (1.52M params)              |
+# All lossless. One run: 67-330 s (hessian sensitivity on 100 utterances ~150 s, cached per method;
+# QAT 30-85 s/epoch at 1 thread; nas ~270 s).
+# Stage 12 (exp/rescore/systems.md; n-best 100 paths, ngram scale 1, every system scored at the
+# fp32 system's best LM scale, 1.0; LM 409k params, ppl 16.62; kl-r12: 2.15 bits, ppl 16.52;
+# kl-r16: 1.50 bits, ppl 16.90):
+#   | AM + LM                     | AM+LM bytes | ratio  | 1-best | rescored | p MAPSSWE | utt/s |
+#   |-----------------------------|-------------|--------|--------|----------|-----------|-------|
+#   | fp32 + fp32                 | 11,271,336  | 1.00x  | 7.20   | 5.95     | -         | 16.7  |
+#   | fp32 + kl-r12 (12.1x)       |  9,768,271  | 1.15x  | 7.20   | 6.10     | 0.16      | 18.3  |
+#   | hessian-sub-r16 + fp32      |  2,240,104  | 5.03x  | 6.42   | 6.57     | 0.14      | 24.6  |
+#   | hessian-sub-r16 + kl-r12    |    737,039  | 15.29x | 6.42   | 6.42     | 0.20      | 23.8  |
+#   | hessian-sub-r16 + kl-r16    |    704,059  | 16.01x | 6.42   | 6.26     | 0.31      | 27.2  |
+# (the last row: --lm-ratio 16, then 'k2quant report --systems' over the six rescoring dirs.)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -83,11 +91,11 @@ exp_dir=exp
 #   M-uBsize            mixed precision by M at the file size of uniformB (run uniformB first)
 #   M-sub-rX            M (hessian|kl) + TDNN-F bottleneck dims (--subspace) at ratio X
 # The default covers the acceptance rows (>= 8x at <= 4 bits, mixed vs uniform at the 2-bit
-# size, subspace >= 12x, and the 16x AM of the AM+LM system) in ~18 min on 2 quiet cores
-# (2.5-5 min per run; about twice that at load 8); --compress-runs "$compress_runs_full" gives
-# the issue's full table (~50 min).
+# size, subspace >= 12x, and the 16x AM of the AM+LM system): measured 163 + 132 + 326 + 68 +
+# 67 s = 12.6 min of 1-thread runs on 2 cores; --compress-runs "$compress_runs_full" gives the
+# issue's full table (~35 min).
 compress_runs="uniform2 hessian-r8 hessian-u2size hessian-sub-r12.5 hessian-sub-r16"
-compress_runs_full="uniform8 uniform4 uniform3 uniform2 hessian-r8 kl-r8 nas-r8 hessian-u2size kl-u2size nas-u2size hessian-sub-r12.5 hessian-sub-r16"
+compress_runs_full="uniform8 uniform4 uniform3 uniform2 hessian-r8 kl-r8 nas-r8 hessian-u3size kl-u3size hessian-u2size kl-u2size nas-u2size hessian-sub-r12.5 hessian-sub-r16"
 compress_sens_utts=100   # training utterances of the sensitivity (and NAS)
 compress_sens_samples=8  # Hutchinson probes per batch (hessian)
 compress_qat_epochs=2
