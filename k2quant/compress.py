@@ -341,15 +341,31 @@ def uniform_plan(model: nn.Module, bits: Union[int, Mapping[str, int]], quantize
 
 def packed_size(fp32_model: nn.Module, plan: Plan, dims: Optional[Mapping[str, int]] = None) -> int:
     """Bytes of the packed file of ``fp32_model`` re-factorised to ``dims`` and quantized with
-    ``plan`` (no training: the size depends on the plan only)."""
+    ``plan`` (no training: the size depends on the plan only), with the header metadata
+    ``fp32_model.k2quant_pack_extra`` if set (:func:`compress` sets it to the export's).
+    An upper bound: the header's per-tensor checksums depend on the trained values (see the
+    slack below), so the real file may be a few bytes smaller."""
     from k2quant.export import save_packed
     from k2quant.qat import build_qat_model
 
     model = build_qat_model(fp32_model, plan, dims).eval()
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "size.k2q"
-        save_packed(model, p)
-        return os.path.getsize(p)
+        # the header metadata of the real export (set by compress(); the header is
+        # compressed, so its exact content matters for the exact size)
+        save_packed(model, p, extra=getattr(fp32_model, "k2quant_pack_extra", None))
+        # The header holds a crc32 per tensor as a decimal number: trained weights have other
+        # checksums, whose digits may be more. Bound that: 1 byte per possibly missing digit
+        # (random digits compress to less) and 16 bytes for zlib's block boundaries.
+        from k2quant.export import read_header
+
+        slack = 16 + sum(10 - len(str(e["c"])) for e in read_header(p).tensors if "c" in e)
+        return os.path.getsize(p) + slack
+
+
+def packed_extra(utt_cmn: bool, fp32_params: int) -> Dict[str, Any]:
+    """Header metadata of a compressed model's packed file (read by ``k2quant decode --model``)."""
+    return {"utt_cmn": bool(utt_cmn), "fp32_params": int(fp32_params)}
 
 
 def fp32_bytes_of(model: nn.Module) -> int:
@@ -719,6 +735,7 @@ def compress(cfg: CompressConfig) -> Dict[str, Any]:
     utt_cmn = bool(base.get("utt_cmn", True))
     sf = int(getattr(fp32, "subsampling_factor", 1))
     fingerprint = model_fingerprint(fp32)
+    fp32.k2quant_pack_extra = packed_extra(utt_cmn, fp32_bytes_of(fp32) // 4)
     budget = check_budget(cfg, fp32)
     timings["load"] = time.time() - t
     log.info("compress %s: %s, budget %s, fp32 %d params", cfg.system_name(), cfg.model,
@@ -805,8 +822,7 @@ def compress(cfg: CompressConfig) -> Dict[str, Any]:
     t = time.time()
     packed_path = out / "model.k2q"
     size = export_packed(qres.model, packed_path,
-                         extra={"utt_cmn": utt_cmn, "fp32_params": fp32_bytes_of(fp32) // 4,
-                                "source": str(cfg.model), "avg": cfg.avg})
+                         extra=fp32.k2quant_pack_extra)
     timings["export"] = time.time() - t
 
     # ---- decode + verdict ---------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_compress_uniform_and_subspace(tiny, tmp_path):
                    "--fp32-errors", str(tmp_path / "u" / "fp32" / "per_utt-fp32.tsv")))
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
-    assert rep["subspace"] and rep["ratio"] >= 3.0
+    assert rep["subspace"] and rep["ratio"] >= 3.0, (rep["bytes_on_disk"], rep["search"])
     assert json.loads((out / "dims.json").read_text()) == rep["dims"]
     assert all(d in (4, 8, 12) for d in rep["dims"].values())
     assert rep["params"] <= rep["fp32_params"]
