@@ -39,3 +39,39 @@ def test_run_benchmark_smoke():
     text = format_result(res)
     for n in res["backends"]:
         assert n in text
+
+
+def test_arithmetic_labels_and_best_variant():
+    from k2quant.infer.bench import arithmetic, best_by_arithmetic
+
+    assert arithmetic("fp32") == "fp32"
+    assert arithmetic("qtensor") == "qtensor (float32 requant)"
+    for n in ("int_mm", "fbgemm", "float64", "int_mm+compile", "fbgemm+compile"):
+        assert arithmetic(n) == "dyadic (exact)"
+
+    def entry(b, s):
+        return {"batch": b, "stream": s}
+
+    runs = [{"threads": t, "batch": {n: {"speedup": b} for n, (b, _) in v.items()},
+             "stream": {n: {"speedup": s} for n, (_, s) in v.items()}}
+            for t, v in ((1, {"fp32": (1, 1), "int_mm": (2, 3), "int_mm+compile": (4, 3.5),
+                              "qtensor": (5, 6)}),
+                         (2, {"fp32": (1, 1), "int_mm": (1.5, 2), "int_mm+compile": (3.5, 3),
+                              "qtensor": (4, 4)}))]
+    res = {"backends": ["int_mm", "qtensor", "int_mm+compile"], "runs": runs}
+    best = best_by_arithmetic(res)
+    assert best["dyadic (exact)"]["variant"] == "int_mm+compile"
+    assert best["dyadic (exact)"]["runs"][2] == entry(3.5, 3)
+    assert best["qtensor (float32 requant)"]["runs"][1] == entry(5, 6)
+
+
+def test_format_labels_dyadic_and_qtensor():
+    torch.manual_seed(0)
+    res = run_benchmark("small", threads=(1,), batch=2, frames=40, repeats=1,
+                        stream_frames=60, chunk=7, backend=("dyadic", "qtensor"),
+                        compile=False)
+    text = format_result(res)
+    assert "dyadic (exact)" in text
+    if "qtensor" in res["backends"]:
+        assert "qtensor (float32 requant)" in text
+    assert "best dyadic (exact)" in text and "streaming" in text

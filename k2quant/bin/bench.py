@@ -5,6 +5,8 @@ Examples::
     k2quant bench                                  # small preset, 1 and 2 threads
     k2quant bench --preset small --preset kaldi_7q --json bench.json
     k2quant bench --backend qtensor --backend fbgemm --repeats 21 --no-compile
+    k2quant bench --preset kaldi_7q --backend dyadic --backend qtensor --threads 2  # exact
+        # dyadic (eager and fused '+compile') next to qtensor (float32 requant)
 """
 
 import click
@@ -28,11 +30,15 @@ import click
               help="Integer back end(s) to time against fp32 (repeatable; the first is the "
                    "primary one). 'dyadic': the fastest exact dyadic back end; 'auto': what "
                    "IntTdnnF picks by default (qtensor where available).")
-@click.option("--no-compile", is_flag=True,
-              help="Skip the torch.compile-fused integer variant (torch >= 2 only).")
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="Also time the fused exact dyadic engine '<backend>+compile' "
+                   "(IntTdnnF.set_backend(b, compile=True): int_mm with the whole integer "
+                   "forward compiled by torch.compile on torch >= 2; fbgemm with "
+                   "TorchScript-fused requantisations on torch 1.13). The output labels every "
+                   "variant 'dyadic (exact)' or 'qtensor (float32 requant)'.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the results as JSON.")
-def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backends, no_compile,
+def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backends, compile_,
          json_out):
     """Time fp32 vs integer-only forward (batch and chunked streaming) and report the speed
     ratios, peak memory, and weight bytes in memory and on disk."""
@@ -49,7 +55,7 @@ def main(presets, threads, batch, frames, repeats, stream_frames, chunk, backend
     results = []
     for p in presets:
         res = run_benchmark(p, th, batch, frames, repeats, stream_frames, chunk, list(backends),
-                            log=lambda s: click.echo(s, err=True), compile=not no_compile)
+                            log=lambda s: click.echo(s, err=True), compile=compile_)
         click.echo(format_result(res))
         results.append(res)
     if json_out:

@@ -9,15 +9,18 @@ ranges on the benchmark features, then for each thread count (``torch.set_num_th
 * streaming: one utterance of ``stream_frames`` frames evaluated in chunks of ``chunk``
   output frames (each chunk recomputes its left/right context), fp32 vs integer.
 
-Every variant (fp32, each requested integer back end, optionally the torch.compile-fused
-int_mm engine) is timed in the same *interleaved* rounds (:func:`interleaved_times`: one
-warm-up each, then ``repeats`` rounds that run every variant once, order rotated), so that
-the load of a shared machine hits all alike. Reported per variant: median wall time, the
-ratio of medians to fp32, the median of per-round ratios (paired), and the ratio of median
-process CPU times (``time.process_time``; at 1 thread the least load-sensitive figure), plus
-the 1-minute load average before and after. Peak memory is the peak RSS increase during one
-forward (a sampling thread reads ``/proc/self/statm`` every 0.5 ms; torch's allocations are
-invisible to tracemalloc).
+Every variant (fp32, each requested integer back end, optionally the fused exact dyadic
+engine ``<backend>+compile``) is timed in the same *interleaved* rounds
+(:func:`interleaved_times`: one warm-up each, then ``repeats`` rounds that run every
+variant once, order rotated), so that the load of a shared machine hits all alike.
+Variants are labelled by their arithmetic (:func:`arithmetic`): ``dyadic (exact)`` (every
+dyadic back end, eager or fused: bit-exact to ``dyadic_reference_forward``) or ``qtensor
+(float32 requant)``; :func:`best_by_arithmetic` gives the best of each per thread count.
+Reported per variant: median wall time, the ratio of medians to fp32, the median of
+per-round ratios (paired), and the ratio of median process CPU times (``time.process_time``;
+at 1 thread the least load-sensitive figure), plus the 1-minute load average before and
+after. Peak memory is the peak RSS increase during one forward (a sampling thread reads
+``/proc/self/statm`` every 0.5 ms; torch's allocations are invisible to tracemalloc).
 Sizes: fp32 checkpoint (``torch.save`` of the state dict) vs 8-bit packed export
 (``save_packed``) on disk; weights in memory: fp32 weight matrices (+ biases and BatchNorm
 statistics) vs the engine's int8 matrices (+ requantisation constants).
@@ -194,10 +197,12 @@ def run_benchmark(
     ``backend``: one back end or several (``"auto"``, ``"dyadic"`` = the fastest dyadic one,
     or a name of :data:`k2quant.infer.int_engine.BACKENDS`); the first is the *primary*
     integer engine (``int_*`` keys, memory), all are timed against fp32 in the same
-    interleaved rounds. ``compile``: also time the int_mm engine with its requantisation
-    fused by ``torch.compile`` (torch >= 2; the one-off compile time is reported)."""
+    interleaved rounds. ``compile``: also time the *fused* exact dyadic engine
+    (``set_backend(b, compile=True)`` with ``b = fused_backend()``: ``int_mm`` compiled by
+    ``torch.compile`` on torch >= 2, ``fbgemm`` with TorchScript-fused requantisations on
+    torch 1.13; the one-off compile time is reported)."""
     from k2quant.infer.calibrate import calibrate_model
-    from k2quant.infer.int_engine import have_int_mm
+    from k2quant.infer.int_engine import fused_backend
 
     log = log or (lambda s: None)
     backends = [backend] if isinstance(backend, str) else list(backend)
@@ -219,17 +224,20 @@ def run_benchmark(
     agree = {n: float((y32.argmax(-1) == y.argmax(-1)).float().mean()) for n, y in outs.items()}
     kl = {n: float((y32.exp() * (y32 - y)).sum(-1).mean()) for n, y in outs.items()}
     compile_s = None
-    if compile and have_int_mm() and hasattr(torch, "compile"):
-        base = engines.get("int_mm") or copy.copy(engine).set_backend("int_mm")
+    fb = fused_backend() if compile else None
+    if fb is not None:
+        base = engines.get(fb) or copy.copy(engine).set_backend(fb)
         compiled = copy.copy(base)
         t0 = time.perf_counter()
-        compiled.set_backend("int_mm", compile=True)
+        compiled.set_backend(fb, compile=True)
         with torch.no_grad():
             if not torch.equal(compiled(x), base(x)):
-                raise RuntimeError("compiled integer engine differs from the eager one")
-            compiled.streaming_forward(xs[:, : 3 * chunk + model.left_context + 10], chunk)
+                raise RuntimeError("fused integer engine differs from the eager one")
+            compiled(x)  # TorchScript's profiling executor optimises after two runs
+            for _ in range(2):  # the streaming chunk shapes
+                compiled.streaming_forward(xs, chunk)
         compile_s = time.perf_counter() - t0
-        engines["int_mm+compile"] = compiled
+        engines[f"{fb}+compile"] = compiled
     primary = engine.backend
     res: Dict[str, Any] = {
         "preset": preset, "torch": torch.__version__, "backend": primary,
@@ -270,7 +278,8 @@ def run_benchmark(
                    "batch": sb, "stream": ss, "peak_rss_increase_bytes": rss}
             res["runs"].append(run)
             for n in engines:
-                log(f"{preset} threads={t} {n}: batch {sb[n]['wall_s'] * 1e3:.1f} ms "
+                log(f"{preset} threads={t} {n} [{arithmetic(n)}]: batch "
+                    f"{sb[n]['wall_s'] * 1e3:.1f} ms "
                     f"({sb[n]['speedup']:.2f}x, cpu {sb[n]['cpu_speedup']:.2f}x); stream "
                     f"{ss[n]['wall_s'] * 1e3:.1f} ms ({ss[n]['speedup']:.2f}x, cpu "
                     f"{ss[n]['cpu_speedup']:.2f}x); load {load0:.1f}->{load1:.1f}")
@@ -292,6 +301,37 @@ def run_benchmark(
     return res
 
 
+def arithmetic(variant: str) -> str:
+    """What a benchmark variant computes: ``fp32``, the exact dyadic integer model
+    (``dyadic_reference_forward``, every dyadic back end) or qtensor's float32-requantised
+    integer model."""
+    if variant == "fp32":
+        return "fp32"
+    if variant.split("+")[0] == "qtensor":
+        return "qtensor (float32 requant)"
+    return "dyadic (exact)"
+
+
+def best_by_arithmetic(res: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``{arithmetic: {"variant": best, "runs": {threads: {"batch": x, "stream": y}}}}``: for
+    each integer arithmetic the variant with the best median batch speedup over all thread
+    counts (its batch and streaming speedups vs fp32 per thread count)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for kind in ("dyadic (exact)", "qtensor (float32 requant)"):
+        names = [n for n in res["backends"] if arithmetic(n) == kind]
+        if not names:
+            continue
+
+        def score(n):
+            return min(r["batch"][n]["speedup"] for r in res["runs"])
+
+        best = max(names, key=score)
+        out[kind] = {"variant": best, "runs": {
+            r["threads"]: {"batch": r["batch"][best]["speedup"],
+                           "stream": r["stream"][best]["speedup"]} for r in res["runs"]}}
+    return out
+
+
 def format_result(res: Dict[str, Any]) -> str:
     mb = 1.0 / (1 << 20)
     lines = [
@@ -302,23 +342,34 @@ def format_result(res: Dict[str, Any]) -> str:
         "   top-1 frame agreement with fp32 / KL(fp32||int): " + ", ".join(
             f"{n} {a * 100:.1f}% / {res['kl_fp32_to_int'][n]:.2e}"
             for n, a in res["top1_agreement"].items()),
+        "   arithmetic: 'dyadic (exact)' = the integer-only model with dyadic requantisation "
+        "(bit-exact to dyadic_reference_forward); 'qtensor (float32 requant)' = fbgemm's "
+        "float32 requantisation (a different integer function)",
         "   speedup = fp32 median / int median (wall); paired = median of per-round ratios; "
         "cpu = ratio of median process CPU times",
-        "   threads | load    | variant        | batch ms | speedup paired  cpu | stream ms |"
-        " speedup paired  cpu | peak RSS +MB",
+        "   threads | load    | arithmetic                | variant        | batch ms | speedup"
+        " paired  cpu | stream ms | speedup paired  cpu | peak RSS +MB",
     ]
     if res.get("compile_seconds") is not None:
-        lines.insert(3, f"   int_mm+compile: requantisation fused by torch.compile (compiled "
+        fused = [n for n in res["backends"] if n.endswith("+compile")]
+        how = ("whole integer forward compiled by torch.compile" if "int_mm+compile" in fused
+               else "requantisations fused by TorchScript's NNC fuser")
+        lines.insert(4, f"   {', '.join(fused)}: fused exact dyadic engine ({how}; built "
                         f"once in {res['compile_seconds']:.0f} s)")
     for r in res["runs"]:
         load = f"{r['load_before']:.1f}-{r['load_after']:.1f}"
         for n in r["batch"]:
             b, s = r["batch"][n], r["stream"][n]
             lines.append(
-                f"   {r['threads']:7d} | {load:7s} | {n:14s} | {b['wall_s'] * 1e3:8.1f} |"
+                f"   {r['threads']:7d} | {load:7s} | {arithmetic(n):25s} | {n:14s} |"
+                f" {b['wall_s'] * 1e3:8.1f} |"
                 f" {b['speedup']:6.2f}x {b['paired_speedup']:5.2f}x {b['cpu_speedup']:4.2f}x |"
                 f" {s['wall_s'] * 1e3:9.1f} | {s['speedup']:6.2f}x {s['paired_speedup']:5.2f}x"
                 f" {s['cpu_speedup']:4.2f}x | {r['peak_rss_increase_bytes'][n] * mb:.1f}")
+    for kind, b in best_by_arithmetic(res).items():
+        lines.append(f"   best {kind} ({b['variant']}) vs fp32: " + "; ".join(
+            f"{t} thread{'s' if t > 1 else ''}: batch {v['batch']:.2f}x, streaming "
+            f"{v['stream']:.2f}x" for t, v in b["runs"].items()))
     m, d = res["memory"], res["disk"]
     lines.append(
         f"   weights in memory: fp32 {m['fp32_weight_bytes'] * mb:.2f} MB vs int8 "

@@ -59,10 +59,8 @@ log-softmax. The input step ``c = clamp(round(x * mul_d + add_d), 0, 2**b - 1)``
   (1000 x 3072) x (3072 x 160)): ``torch._int_mm`` 0.35-0.7 ms, static ``quantized::linear``
   0.8 ms, the unit-scale ``linear_dynamic`` trick 0.8 ms on torch 1.13 (1.5 ms on torch
   2.13), fp32 ``mm`` 7-17 ms. The GEMMs are therefore not the bottleneck of these back ends;
-  the requantisation's elementwise int64 passes are. They run on row blocks of ~64k
-  elements (cache resident), and with ``set_backend("int_mm", compile=True)`` (torch >= 2)
-  ``torch.compile`` fuses each layer's requantisation into one loop (same integers, checked
-  by a test).
+  the requantisation's elementwise int64 passes are. In eager mode they run on row blocks of
+  ~64k elements (cache resident).
 
   - ``"qtensor"`` (:mod:`k2quant.infer.qtensor`; torch 1.13 and 2.x with fbgemm): quint8
     tensors end to end through ``quantized::linear[_relu]`` and ``quantized::add``, i.e. the
@@ -74,6 +72,35 @@ log-softmax. The input step ``c = clamp(round(x * mul_d + add_d), 0, 2**b - 1)``
     whenever the model allows (8-bit activations, non-negative BatchNorm scales after the
     ReLUs, VNNI fbgemm), otherwise the fastest dyadic back end; the dyadic back ends remain
     the documented exact integer-only path (``dyadic_reference_forward``).
+
+* The *fused* engine (``set_backend(b, compile=True)``, :meth:`IntTdnnF._fused_forward`): the
+  same integers, evaluated in the time-major layout of :mod:`k2quant.infer.qtensor` (the
+  frames of all utterances as one ``(N * stride, C)`` matrix, a layer maps rows
+  ``r .. r + (k-1) d`` to row ``r``, so no per-utterance ``cat``; rows mixing two utterances
+  are never used by valid rows and are dropped before the output layer) with each layer's
+  requantisation as one expression (:func:`_requant_fused`); ``"auto"`` never picks it
+  (compiling takes ~1 min; :func:`fused_backend` names the one available):
+
+  - ``"int_mm"`` (torch >= 2): the whole integer forward compiled by ``torch.compile``
+    (dynamic shapes; two graphs, one utterance and batches); each layer is one ``cat`` of
+    shifted row slices, one ``_int_mm`` and one vectorised requantisation loop. inductor
+    vectorises int8 <-> int64 conversions badly, so the expression converts through int32
+    (exact): 4-6x faster loops than the plain form. The elementwise loops are compiled
+    single-threaded (:data:`FUSED_SERIAL_LOOPS`). Measured with ``k2quant bench`` (2-core
+    AMD EPYC shared with other jobs, load 1.5-2; speedup vs fp32, batch / streaming):
+    small preset 4.6x / 5.2x at 1 thread, 3.7x / 3.3x at 2 threads; kaldi_7q 4.2x / 5.0x
+    and 3.6x / 3.8x (eager ``int_mm``: 1.8-2.3x batch).
+  - ``"fbgemm"`` (torch 1.13, no ``torch.compile``/``_int_mm``): eager layers (one float32
+    im2col + ``linear_dynamic`` per layer) and each requantisation a TorchScript function
+    fused into one loop by the NNC (TensorExpr) CPU fuser, which is enabled only around the
+    engine's calls. Needs ``|acc| < 2**31`` (checked when built). Measured (torch 1.13, 1
+    thread): small 2.6x / 5.3x, kaldi_7q 1.9x / 6.2x fp32 (eager fbgemm: ~1.1x batch); the
+    batch figure is bounded by ``linear_dynamic``'s own dynamic quantisation of its input.
+
+  The input quantisation and the final log-softmax run eagerly (the same ATen kernels as the
+  reference); the output layer's dequantisation ``float32(acc) * s + b`` is part of the fused
+  graph, rounded twice as in eager mode (inductor compiles with ``-ffp-contract=off``; the
+  tests compare the log-probs bit for bit).
 
 Caution:
   the xent branch of a TdnnF is not part of the integer model (inference uses the chain
@@ -109,6 +136,12 @@ _FBGEMM_LIMIT = 1 << 24  # float32 integers are exact below this
 _PROMOTING_MUL = int(torch.__version__.split(".")[0]) >= 2
 #: requantisation works on row blocks of about this many elements (int64: 512 KiB)
 _BLOCK_ELEMENTS = 1 << 16
+#: The fused int_mm engine compiles its elementwise loops single-threaded (inductor
+#: ``cpp.threads=1``); the GEMMs still use all of torch's threads. Measured on the shared
+#: 2-core machine at 2 threads (load ~2.5): kaldi_7q batch 224 ms vs 895 ms with OpenMP loops,
+#: streaming 3.4 s vs 5.6 s (every parallel region waits for a descheduled thread); at 1
+#: thread within noise. Set before ``set_backend(..., compile=True)``.
+FUSED_SERIAL_LOOPS = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -314,6 +347,17 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def fused_backend() -> Optional[str]:
+    """The dyadic back end whose fused engine (``set_backend(b, compile=True)``) runs here:
+    ``"int_mm"`` (torch.compile, torch >= 2), else ``"fbgemm"`` (TorchScript NNC fuser,
+    torch 1.13), else None."""
+    if have_int_mm() and hasattr(torch, "compile"):
+        return "int_mm"
+    if have_fbgemm() and have_nnc():
+        return "fbgemm"
+    return None
+
+
 def _fbgemm_chunks(Wm: torch.Tensor) -> List[Tuple[int, int]]:
     """Split the K columns of an int8 (N, K) matrix so that every chunk's accumulator is
     below 2**24 in magnitude for uint8 inputs (exact in float32)."""
@@ -336,38 +380,95 @@ def _fbgemm_chunks(Wm: torch.Tensor) -> List[Tuple[int, int]]:
     return chunks
 
 
-def _requant_fused(acc, Bs: Optional[torch.Tensor], m: torch.Tensor,
-                   byp: Optional[torch.Tensor], mx: int, const: torch.Tensor, e: int,
-                   lo: int, hi: int) -> torch.Tensor:
-    """The requantisation of :meth:`_Prepared.requant` as one expression (for
-    ``torch.compile``, which fuses it into a single int64 loop; same integers)."""
+def _requant_fused(acc: torch.Tensor, Bs: Optional[torch.Tensor], m: torch.Tensor,
+                   const: torch.Tensor, e: int, lo: int, hi: int,
+                   byp: Optional[torch.Tensor] = None, mx: int = 0) -> torch.Tensor:
+    """The requantisation of :meth:`_Prepared.requant` as one expression, for the fused
+    (``torch.compile``) engine: inductor turns it into one vectorised loop (same integers).
+
+    The int8 <-> int64 conversions go through int32 explicitly: inductor vectorises a direct
+    int8 <-> int64 conversion poorly (measured 4-6x slower loops); the detour is exact."""
     if Bs is not None:
         acc = torch.clamp(acc + Bs, min=0)
     t = acc.to(torch.int64) * m + const
     if byp is not None:
-        t = t + byp.to(torch.int64) * mx
-    return torch.clamp(t >> e, lo, hi).to(torch.int8)
+        t = t + byp.to(torch.int32).to(torch.int64) * mx
+    return torch.clamp(t >> e, lo, hi).to(torch.int32).to(torch.int8)
 
 
-_COMPILED: Dict[str, Any] = {}
+def _fused_call(eng: "IntTdnnF", h: torch.Tensor) -> torch.Tensor:
+    """Entry point of the compiled fused engine (:meth:`IntTdnnF._fused_forward`)."""
+    return eng._fused_forward(h)
 
 
-def compiled_requant():
-    """``torch.compile(_requant_fused, dynamic=True)`` (built once per process; the first
-    call of each layer variant compiles, ~1 min, cached by inductor on disk afterwards)."""
-    if "fn" not in _COMPILED:
-        if not hasattr(torch, "compile"):
-            raise ValueError(f"compile=True needs torch >= 2 (this is torch {torch.__version__})")
-        _COMPILED["fn"] = torch.compile(_requant_fused, dynamic=True)
-    return _COMPILED["fn"]
+# The fbgemm fused engine's requantisations, compiled by TorchScript and fused by its NNC
+# (TensorExpr) CPU fuser into one loop each (torch 1.13: no torch.compile / _int_mm). Same
+# integers as _requant_fused; ``acc``: float32 (exact integers < 2**24, one K chunk) or int32
+# (several chunks; |acc| < 2**31 is checked when the engine is built), storage codes uint8.
+def _rq_relu(acc, Bs, m, const, e: int, lo: int, hi: int):
+    a = torch.clamp(acc.to(torch.int32) + Bs, min=0)
+    t = a.to(torch.int64) * m + const
+    return torch.clamp(t >> e, lo, hi).to(torch.int32).to(torch.uint8)
+
+
+def _rq_relu_byp(acc, Bs, m, const, e: int, lo: int, hi: int, byp, mx: int):
+    a = torch.clamp(acc.to(torch.int32) + Bs, min=0)
+    t = a.to(torch.int64) * m + const + byp.to(torch.int32).to(torch.int64) * mx
+    return torch.clamp(t >> e, lo, hi).to(torch.int32).to(torch.uint8)
+
+
+def _rq_linear(acc, Bs, m, const, e: int, lo: int, hi: int):
+    t = acc.to(torch.int32).to(torch.int64) * m + const
+    return torch.clamp(t >> e, lo, hi).to(torch.int32).to(torch.uint8)
+
+
+def _rq_linear_byp(acc, Bs, m, const, e: int, lo: int, hi: int, byp, mx: int):
+    t = acc.to(torch.int32).to(torch.int64) * m + const + byp.to(torch.int32).to(torch.int64) * mx
+    return torch.clamp(t >> e, lo, hi).to(torch.int32).to(torch.uint8)
+
+
+class _CpuFusion:
+    """Context manager: TorchScript's NNC fuser enabled on the CPU (off by default in torch;
+    restored on exit, so other TorchScript code in the process is not affected)."""
+
+    def __enter__(self):
+        self.prev = torch._C._jit_can_fuse_on_cpu()
+        torch._C._jit_override_can_fuse_on_cpu(True)
+
+    def __exit__(self, *exc):
+        torch._C._jit_override_can_fuse_on_cpu(self.prev)
+
+
+def _fused_call_nnc(eng: "IntTdnnF", h: torch.Tensor) -> torch.Tensor:
+    """Entry point of the fbgemm fused engine (eager layers, NNC-fused requantisations)."""
+    with _CpuFusion():
+        return eng._fused_forward(h)
+
+
+def have_nnc() -> bool:
+    """True if TorchScript's NNC CPU fuser can generate code here (LLVM build)."""
+    f = getattr(torch._C, "_llvm_enabled", None)
+    return bool(f is not None and f() and hasattr(torch._C, "_jit_override_can_fuse_on_cpu"))
+
+
+def _fresh_function(fn):
+    """A copy of ``fn`` with its own code object. torch.compile (dynamo) keeps its cache and
+    its recompilation limit per code object; each fused engine gets its own copy so that
+    many engines in one process (different constants -> different graphs) never exhaust
+    the limit of a shared one and silently fall back to eager."""
+    import types
+
+    _fresh_function.count = getattr(_fresh_function, "count", 0) + 1
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{_fresh_function.count}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
 
 
 class _Prepared:
     """A layer's constants folded for one back end (storage offset ``off``)."""
 
-    def __init__(self, L: IntLayer, backend: str, compile: bool = False) -> None:
+    def __init__(self, L: IntLayer, backend: str) -> None:
         self.name = L.name
-        self.compiled = compiled_requant() if compile else None
         self.k = L.kernel
         self.d = max(L.dilation, 1)
         self.out = L.out_features
@@ -381,6 +482,7 @@ class _Prepared:
         zs_in = L.z_in - off  # storage zero point of the input
         if backend == "int_mm":
             self.Wm = Wm
+            self.Wt = Wm.t()  # (K, N) view, the layout _int_mm is called with
         elif backend == "float64":
             self.W64 = Wm.to(torch.float64).t().contiguous()
         else:
@@ -393,7 +495,10 @@ class _Prepared:
             self.calib = torch.zeros(2, self.K, dtype=torch.uint8)
             self.calib[1] = 255
         self.final = L.final
+        self.script = None  # fbgemm fused engine: the TorchScript requantisation
         self.block = max(32, _BLOCK_ELEMENTS // self.out)
+        # |accumulator of the storage codes| (codes in [0, 255] or [-128, 127])
+        self.acc_bound = int(Wm.to(torch.int64).abs().sum(1).max()) * 256
         if L.final:
             self.zcorr = zs_in * colsum
             self.out_scale = L.out_scale
@@ -443,11 +548,36 @@ class _Prepared:
             acc = y if acc is None else acc.add_(y)
         return acc
 
+    def mm_rows(self, h: torch.Tensor, R2: int) -> torch.Tensor:
+        """Fused engines: rows ``r .. r + (k-1) d`` of the time-major codes ``h`` -> the
+        accumulators of row ``r`` (R2 rows). ``int_mm``: int32; ``fbgemm``: float32 holding
+        the exact integers (one K chunk, ``|acc| < 2**24``) or int32 (several chunks; only
+        with ``acc_bound < 2**31``, checked by ``set_backend``)."""
+        k, d = self.k, self.d
+        if self.backend == "int_mm":
+            a = h if k == 1 else torch.cat([h[j * d : j * d + R2] for j in range(k)], 1)
+            return torch._int_mm(a, self.Wt)
+        if self.backend != "fbgemm":
+            raise ValueError(f"no fused engine for back end {self.backend!r}")
+        C = h.shape[1]
+        acc = None
+        for k0, k1, pk in self.chunks:  # each chunk's im2col columns built directly
+            x = torch.empty(R2 + 2, k1 - k0, dtype=torch.float32)  # + the two range rows
+            for j in range(k):
+                lo, hi = max(k0, j * C), min(k1, (j + 1) * C)
+                if lo < hi:
+                    x[:R2, lo - k0 : hi - k0] = h[j * d : j * d + R2, lo - j * C : hi - j * C]
+            x[R2] = 0.0
+            x[R2 + 1] = 255.0
+            y = torch.ops.quantized.linear_dynamic(x, pk, False)[:R2]
+            if len(self.chunks) == 1:
+                return y
+            # exact: each chunk's |acc| < 2**24, the sum < 2**31 (acc_bound, checked)
+            acc = y.to(torch.int32) if acc is None else acc.add_(y.to(torch.int32))
+        return acc
+
     # -- requantisation -------------------------------------------------------------------
     def requant(self, acc: torch.Tensor, byp: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.compiled is not None:
-            return self.compiled(acc, self.Bs if self.relu else None, self.m.to(torch.int64),
-                                 byp, self.mx, self.const, self.e, self.lo, self.hi)
         if self.relu:
             if self.Bs.dtype == acc.dtype:
                 acc.add_(self.Bs).clamp_(min=0)
@@ -539,25 +669,54 @@ class IntTdnnF(nn.Module):
     def set_backend(self, backend: str = "auto", compile: bool = False) -> "IntTdnnF":
         """(Re)prepare the fast path for ``backend`` (see the module docstring).
 
-        ``compile=True`` (``int_mm`` back end, torch >= 2): fuse each requantisation into one
-        loop with ``torch.compile`` (the same integer operations; several times faster than
-        the eager op sequence, at the price of a one-off compilation)."""
+        ``compile=True``: the *fused* engine (same integers; see the module docstring).
+        ``int_mm`` (torch >= 2): the whole integer forward in the time-major layout
+        (:meth:`_fused_forward`) compiled by ``torch.compile``, every layer one ``_int_mm``
+        plus one vectorised requantisation loop (the first call per input shape compiles,
+        ~0.5-1 min, cached by inductor on disk afterwards). ``fbgemm`` (torch 1.13): the same
+        layout, eager GEMMs, requantisations fused by TorchScript's NNC fuser."""
         from k2quant.infer.qtensor import QTensorEngine, qtensor_unsupported
 
         if backend == "auto" and not compile and qtensor_unsupported(self) is None:
             backend = "qtensor"
         self.backend = resolve_backend(backend)
-        if compile and self.backend != "int_mm":
-            raise ValueError(f"compile=True needs the int_mm back end, not {self.backend!r}")
+        if compile and self.backend not in ("int_mm", "fbgemm"):
+            raise ValueError(f"compile=True needs the int_mm or fbgemm back end, not "
+                             f"{self.backend!r}")
+        if compile and self.backend == "int_mm" and not hasattr(torch, "compile"):
+            raise ValueError(f"compile=True needs torch >= 2 (this is torch {torch.__version__})")
+        if compile and self.backend == "fbgemm" and not have_nnc():
+            raise ValueError("compile=True with the fbgemm back end needs TorchScript's NNC "
+                             "fuser (an LLVM-enabled torch build)")
         self.compiled = bool(compile)
+        self._fused = None
         if self.backend == "qtensor":
             self._qt = QTensorEngine(self)  # raises ValueError if the model cannot use it
             self._prep = {}
             return self
         self._qt = None
-        self._prep = {n: _Prepared(L, self.backend, compile) for n, L in self.layers.items()}
+        self._prep = {n: _Prepared(L, self.backend) for n, L in self.layers.items()}
         self._off = 0 if self.backend == "fbgemm" else 128
         self._storage = torch.uint8 if self.backend == "fbgemm" else torch.int8
+        if compile and self.backend == "int_mm":
+            opts = {"cpp.threads": 1} if FUSED_SERIAL_LOOPS else None
+            self._fused = torch.compile(_fresh_function(_fused_call), dynamic=True,
+                                        options=opts)
+        elif compile:
+            for P in self._prep.values():
+                if P.final:
+                    continue
+                if P.acc_bound >= 1 << 31:
+                    raise ValueError(f"{P.name}: |accumulator| may reach 2**31; the fused "
+                                     f"fbgemm engine needs int32 accumulators")
+                fn = (_rq_relu_byp if P.mx else _rq_relu) if P.relu else (
+                    _rq_linear_byp if P.mx else _rq_linear)
+                P.m64 = P.m.to(torch.int64)
+                if not P.relu:
+                    P.Bs = torch.zeros(1, dtype=torch.int32)  # unused argument
+                with _CpuFusion():  # one executor per layer: it sees few shapes
+                    P.script = torch.jit.script(_fresh_function(fn))
+            self._fused = _fused_call_nnc
         return self
 
     @classmethod
@@ -688,7 +847,7 @@ class IntTdnnF(nn.Module):
         if byp is not None:
             byp = byp.reshape(M, P.out)  # copies the (strided) centre frames
         R = P.block
-        if M <= R or P.compiled is not None:
+        if M <= R:
             return P.requant(acc, byp).view(N, T2, P.out)
         # Row blocks keep the int64 temporaries small (cache-resident, no page faults from
         # fresh large allocations): several times faster than one pass over all frames.
@@ -698,14 +857,106 @@ class IntTdnnF(nn.Module):
         return out.view(N, T2, P.out)
 
     def _output(self, h: torch.Tensor) -> torch.Tensor:
+        acc, T2 = self._gemm(self._prep["output"], h)
+        return self._output_acc(acc, h.shape[0])
+
+    def _output_acc(self, acc: torch.Tensor, N: int) -> torch.Tensor:
+        """Output-layer accumulators (N * T', num_classes) -> log-probs (N, T', num_classes)
+        (eager back ends; row blocks)."""
         P = self._prep["output"]
-        acc, T2 = self._gemm(P, h)
         M = acc.shape[0]
         out = torch.empty(M, P.out, dtype=torch.float32)
         R = P.block
         for r in range(0, M, R):
             out[r : r + R] = F.log_softmax(P.dequant(acc[r : r + R]), dim=-1)
-        return out.view(h.shape[0], T2, P.out)
+        return out.view(N, M // N, P.out)
+
+    # ------------------------------------------------------------------ fused engine
+    def _fused_layer(self, name: str, h: torch.Tensor, x: Optional[torch.Tensor] = None):
+        """One layer of :meth:`_fused_forward`: rows ``r .. r + (k-1) d`` of the time-major
+        codes ``h`` -> row ``r`` (one ``cat`` of shifted row slices, one ``_int_mm``, one
+        requantisation expression); ``x``: the tdnnf block input (bypass rows ``r + d``)."""
+        P = self._prep[name]
+        R2 = h.shape[0] - (P.k - 1) * P.d
+        acc = P.mm_rows(h, R2)
+        if P.final:
+            return acc
+        byp = None
+        if x is not None and P.mx:
+            byp = x[P.bypass_offset : P.bypass_offset + R2]
+        if P.script is not None:  # fbgemm: TorchScript + NNC (torch 1.13 and later)
+            if byp is None:
+                return P.script(acc, P.Bs, P.m64, P.const, P.e, P.lo, P.hi)
+            return P.script(acc, P.Bs, P.m64, P.const, P.e, P.lo, P.hi, byp, P.mx)
+        return _requant_fused(acc, P.Bs if P.relu else None, P.m.to(torch.int64), P.const,
+                              P.e, P.lo, P.hi, byp, P.mx)
+
+    def _fused_forward(self, h: torch.Tensor, return_codes: bool = False):
+        """The integer forward of the ``int_mm`` back end in the time-major layout of
+        :mod:`k2quant.infer.qtensor`, written for ``torch.compile`` (``set_backend(...,
+        compile=True)``; run eagerly for ``return_codes``).
+
+        h: int8 storage codes (N, Tp, F) of the padded input. The frames of all utterances
+        form one (N * stride, C) matrix; a layer maps rows ``r .. r + (k-1) d`` to row ``r``,
+        so rows near the end of an utterance mix two utterances: they are never used by valid
+        rows and are dropped before the output layer. ``stride`` is a multiple of the
+        subsampling factor (the input is edge-padded), so the global ``[::sf]`` keeps every
+        utterance's phase. Returns the output layer's float32 logits of the valid rows
+        (N * T', num_classes) [and ``{point: int64 codes (N, T, C)}``]."""
+        N, Tp, Fd = h.shape
+        sf = self.subsampling_factor
+        if N > 1 and sf > 1 and Tp % sf:
+            h = torch.cat([h, h[:, -1:].expand(N, sf - Tp % sf, Fd)], dim=1)
+        stride, valid = h.shape[1], Tp
+        h = h.reshape(N * stride, Fd)
+        codes: Dict[str, torch.Tensor] = {}
+        off = self._off
+
+        def keep(point: str, t: torch.Tensor) -> None:
+            if return_codes:
+                full = t.new_zeros(N * stride, t.shape[1])
+                full[: t.shape[0]] = t
+                codes[point] = full.view(N, stride, -1)[:, :valid].to(torch.int64) + off
+
+        def shrink(name: str) -> int:
+            P = self._prep[name]
+            return valid - (P.k - 1) * P.d
+
+        keep("input", h)
+        h, valid = self._fused_layer("tdnn1.affine", h), shrink("tdnn1.affine")
+        keep("tdnn1", h)
+        for i in range(self.num_tdnnf):
+            if i == self.subsample_index and sf > 1:
+                h = h[::sf]
+                stride, valid = -(-stride // sf), -(-valid // sf)
+            name = f"tdnnfs.{i}.linear"
+            z, valid = self._fused_layer(name, h), shrink(name)
+            keep(name, z)
+            name = f"tdnnfs.{i}.affine"
+            h, valid = self._fused_layer(name, z, h), shrink(name)
+            keep(f"tdnnfs.{i}", h)
+        if self.subsample_index == self.num_tdnnf and sf > 1:
+            h = h[::sf]
+            stride, valid = -(-stride // sf), -(-valid // sf)
+        for name, point in (("prefinal_l", "prefinal_l"),
+                            ("prefinal_chain.affine", "prefinal_chain.batchnorm1"),
+                            ("prefinal_chain.linear", "prefinal_chain.batchnorm2")):
+            h = self._fused_layer(name, h)
+            keep(point, h)
+        C = h.shape[1]
+        if N == 1:
+            hv = h[:valid]
+        else:  # the valid rows of every utterance (in bounds: rows only shrink)
+            hv = torch.cat([h, h.new_zeros(N * stride - h.shape[0], C)])
+            hv = hv.view(N, stride, C)[:, :valid].reshape(N * valid, C)
+        acc = self._fused_layer("output", hv)
+        P = self._prep["output"]
+        # float32(acc_c) * out_scale + out_bias: the dequantisation of _Prepared.dequant, two
+        # roundings as there (inductor compiles with -ffp-contract=off; the tests check the
+        # log-probs bit for bit); |acc_c| < 2**31, so the int32 detour is exact
+        acc_c = (acc.to(torch.int64) - P.zcorr).to(torch.int32)
+        logits = acc_c.to(torch.float32) * P.out_scale + P.out_bias
+        return (logits, codes) if return_codes else logits
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, pad: bool = True, return_codes: bool = False):
@@ -715,6 +966,17 @@ class IntTdnnF(nn.Module):
         x = self._prepare_input(x, pad)
         if self.backend == "qtensor":
             return self._qt.forward(x, return_codes)
+        if self._fused is not None:
+            # input quantisation and the float output layer run eagerly (the same float ops
+            # as the other back ends), the integer layers in the compiled graph
+            h = (self.quantize_input(x) - self._off).to(self._storage)
+            if return_codes:
+                logits, codes = self._fused_forward(h, True)
+            else:
+                logits, codes = self._fused(self, h), None
+            # one log-softmax over all frames (row-wise: the same floats as per row block)
+            out = F.log_softmax(logits, dim=-1).view(x.shape[0], -1, logits.shape[1])
+            return (out, codes) if return_codes else out
         codes: Dict[str, torch.Tensor] = {}
         off = self._off
         h = (self.quantize_input(x) - off).to(self._storage)
