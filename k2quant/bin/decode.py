@@ -46,12 +46,12 @@ from k2quant.bin.common import beam_options, decode_input_options, num_threads_o
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @num_threads_option
-def main(exp_dir, epoch, avg, model_path, utt_cmn, lang_dir, cuts_path, out_dir, hlg_path, method, lm_scales,
-         search_beam, output_beam, min_active_states, max_active_states, max_duration,
+def main(exp_dir, epoch, avg, model_path, utt_cmn, lang_dir, cuts_path, out_dir, hlg_path,
+         method, lm_scales, search_beam, output_beam, min_active_states, max_active_states, max_duration,
          save_lattices, tag, device, num_threads):
     """Decode CUTS with EXP_DIR's epoch EPOCH (averaged over AVG epochs), or with the model
     file MODEL, and print the WER."""
-    from k2quant.decode.run import DecodeOptions, run_decode, run_decode_model
+    from k2quant.decode.run import DecodeOptions, run_decode
 
     if model_path is not None and (exp_dir is not None or epoch is not None):
         raise click.UsageError("give either --model or --exp-dir/--epoch, not both")
@@ -64,17 +64,9 @@ def main(exp_dir, epoch, avg, model_path, utt_cmn, lang_dir, cuts_path, out_dir,
         max_duration=max_duration, save_lattices=save_lattices,
     )
     try:
-        if model_path is not None:
-            res = run_decode_model(model_path, lang_dir, cuts_path, out_dir, utt_cmn=utt_cmn,
-                                   hlg_path=hlg_path, opts=opts, device=device, tag=tag,
-                                   num_threads=num_threads)
-        else:
-            if utt_cmn is not None:
-                raise click.UsageError("--utt-cmn/--no-utt-cmn goes with --model; a training "
-                                       "run's checkpoints record their own setting")
-            res = run_decode(exp_dir, epoch, avg, lang_dir, cuts_path, out_dir,
-                             hlg_path=hlg_path, opts=opts, device=device, tag=tag,
-                             num_threads=num_threads)
+        res = run_decode(exp_dir, epoch, avg, lang_dir, cuts_path, out_dir, model_path=model_path,
+                         utt_cmn=utt_cmn, hlg_path=hlg_path, opts=opts, device=device, tag=tag,
+                         num_threads=num_threads)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     for s in lm_scales:

@@ -261,44 +261,14 @@ def _split_name(cuts_path: str) -> str:
 
 
 def run_decode(
-    exp_dir: str,
-    epoch: int,
+    exp_dir: Optional[str],
+    epoch: Optional[int],
     avg: int,
     lang_dir: str,
     cuts_path: str,
     out_dir: str,
     *,
-    hlg_path: Optional[str] = None,
-    opts: Optional[DecodeOptions] = None,
-    device: str = "auto",
-    tag: Optional[str] = None,
-    num_threads: int = 0,
-) -> DecodeResult:
-    """``k2quant decode``: average checkpoints, decode ``cuts_path``, write and score hyps.
-
-    The feature normalisation (``utt_cmn``) is taken from the checkpoint's training config.
-    Returns the :class:`DecodeResult` (``wer[lm_scale]`` are :class:`k2quant.scoring.WerResult`).
-    """
-    from k2quant.training.checkpoint import checkpoint_path, load_averaged_model
-
-    opts = opts or DecodeOptions()
-    dev = _device(device, num_threads)
-    cfg = load_trusted(checkpoint_path(exp_dir, epoch)).get("config", {})
-    model = load_averaged_model(exp_dir, epoch, avg, device=str(dev))
-    tag = tag or f"{_split_name(cuts_path)}-epoch-{epoch}-avg-{avg}"
-    source = f"{Path(exp_dir) / f'epoch-{epoch}.pt'} (avg {avg})"
-    return _decode_and_write(model, bool(cfg.get("utt_cmn", opts.utt_cmn)), lang_dir, cuts_path,
-                             out_dir, hlg_path, opts, dev, tag,
-                             {"epoch": epoch, "avg": avg, "exp_dir": str(exp_dir)},
-                             am_info(model, source))
-
-
-def run_decode_model(
-    model_path: str,
-    lang_dir: str,
-    cuts_path: str,
-    out_dir: str,
-    *,
+    model_path: Optional[str] = None,
     utt_cmn: Optional[bool] = None,
     hlg_path: Optional[str] = None,
     opts: Optional[DecodeOptions] = None,
@@ -306,20 +276,49 @@ def run_decode_model(
     tag: Optional[str] = None,
     num_threads: int = 0,
 ) -> DecodeResult:
-    """``k2quant decode --model FILE``: decode with one model file, a packed ``.k2q`` export
-    (``k2quant compress``'s ``model.k2q``, any :func:`k2quant.export.save_packed` file of an
-    acoustic model) or a single training checkpoint ``epoch-N.pt``.
+    """``k2quant decode``: decode ``cuts_path`` with the ``epoch``/``avg`` checkpoint average of
+    ``exp_dir``, or (``exp_dir = epoch = None``) with the model file ``model_path``: a packed
+    ``.k2q`` export (``k2quant compress``'s ``model.k2q``, any
+    :func:`k2quant.export.save_packed` file of an acoustic model) or one ``epoch-N.pt``
+    checkpoint; write and score hyps.
 
-    ``utt_cmn`` (per-utterance mean normalisation of the features, as in training): None takes
-    it from the file (packed header metadata written by ``k2quant compress``, or the
-    checkpoint's training config), else True (the recipes' setting).
+    ``utt_cmn`` (per-utterance feature mean normalisation, as in training): None takes it from
+    the model (training config of the checkpoint, or the packed header metadata written by
+    ``k2quant compress``), else True (the recipes' setting).
+    Returns the :class:`DecodeResult` (``wer[lm_scale]`` are :class:`k2quant.scoring.WerResult`).
     Raises ``ValueError`` when the file holds no acoustic model.
     """
-    from k2quant.export import is_packed_file, load_packed, read_header
-
     opts = opts or DecodeOptions()
     dev = _device(device, num_threads)
-    path = Path(model_path)
+    if model_path is None:
+        from k2quant.training.checkpoint import checkpoint_path, load_averaged_model
+
+        if exp_dir is None or epoch is None:
+            raise ValueError("run_decode: give exp_dir and epoch, or model_path")
+        stored = load_trusted(checkpoint_path(exp_dir, epoch)).get("config", {}).get("utt_cmn")
+        model = load_averaged_model(exp_dir, epoch, avg, device=str(dev))
+        tag = tag or f"{_split_name(cuts_path)}-epoch-{epoch}-avg-{avg}"
+        am = am_info(model, f"{Path(exp_dir) / f'epoch-{epoch}.pt'} (avg {avg})")
+        extra: Dict[str, Any] = {"epoch": epoch, "avg": avg, "exp_dir": str(exp_dir)}
+    else:
+        if exp_dir is not None or epoch is not None:
+            raise ValueError("run_decode: give either model_path or exp_dir/epoch, not both")
+        model, stored, am = _load_model_file(Path(model_path), dev)
+        tag = tag or f"{_split_name(cuts_path)}-{Path(model_path).stem}"
+        extra = {"model": str(model_path)}
+    if utt_cmn is None:
+        utt_cmn = True if stored is None else bool(stored)
+    elif stored is not None and bool(stored) != bool(utt_cmn):
+        log.warning("%s was trained with utt_cmn=%s; decoding with utt_cmn=%s as asked",
+                    am["model"], stored, utt_cmn)
+    return _decode_and_write(model, utt_cmn, lang_dir, cuts_path, out_dir, hlg_path, opts, dev,
+                             tag, extra, am)
+
+
+def _load_model_file(path: Path, dev: torch.device):
+    """(acoustic model, its stored utt_cmn or None, am_info) of a .k2q or checkpoint file."""
+    from k2quant.export import is_packed_file, load_packed, read_header
+
     if not path.is_file():
         raise FileNotFoundError(f"--model {path}: no such file (a packed .k2q export or an "
                                 f"epoch-N.pt checkpoint)")
@@ -347,11 +346,4 @@ def run_decode_model(
     if getattr(model, "subsampling_factor", None) is None or not hasattr(model, "forward"):
         raise ValueError(f"--model {path}: holds a {type(model).__name__}, not an acoustic "
                          f"model (TDNN-F)")
-    if utt_cmn is None:
-        utt_cmn = True if stored is None else bool(stored)
-    elif stored is not None and bool(stored) != bool(utt_cmn):
-        log.warning("%s was trained with utt_cmn=%s; decoding with utt_cmn=%s as asked",
-                    path, stored, utt_cmn)
-    tag = tag or f"{_split_name(cuts_path)}-{path.stem}"
-    return _decode_and_write(model, utt_cmn, lang_dir, cuts_path, out_dir, hlg_path, opts, dev,
-                             tag, {"model": str(path)}, am)
+    return model, stored, am
