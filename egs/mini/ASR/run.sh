@@ -11,8 +11,9 @@
 # Stages 7-12 (off by default: --stop-stage 6, which is what `make demo` runs) are those of the
 # AN4 recipe: 7 AM compression runs (--compress-runs), 8 their report table, 9 Transformer
 # word LM on the training transcripts (or --lm-text), 10 its ~2-bit compression, 11 test
-# lattices (fp32 AM) + n-best rescoring with the fp32 and the compressed LM, 12 rescoring
-# results and AM/LM file sizes. Run them with --stage 7 --stop-stage 12.
+# lattices of the fp32 AM and of the compressed AM (--system-am) + n-best rescoring with the
+# fp32 and the compressed LM, 12 the AM+LM system table (exp/rescore/systems.md: sizes, ratio
+# vs the fp32 system, WER, p-values). Run them with --stage 7 --stop-stage 12.
 #
 # Usage: egs/mini/ASR/run.sh [--stage N] [--stop-stage N] [--num-epochs N] ...   (see --help)
 # Outputs: data/ (manifests, fbank, lang, lm), exp/ (checkpoints, logs, decode/), relative to
