@@ -27,6 +27,6 @@ log "using $python ($("$python" --version 2>&1))"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 # torch first, so that the CPU build on disk is used when the machine has one.
 "$venv/bin/python" -m pip install -q "${CORE_TORCH:-torch==2.13.0}"
-"$venv/bin/python" -m pip install -q -e "$top[dev]"
+"$venv/bin/python" -m pip install -q -e "$top[dev,onnx]"  # onnx: the integer model's ONNX export
 "$venv/bin/python" -c 'import torch, importlib.util as u; print("[install-core] torch", torch.__version__, "k2 present:", u.find_spec("k2") is not None)'
 echo "$want" > "$stamp"
