@@ -341,19 +341,18 @@ def uniform_plan(model: nn.Module, bits: Union[int, Mapping[str, int]], quantize
 
 def packed_size(fp32_model: nn.Module, plan: Plan, dims: Optional[Mapping[str, int]] = None) -> int:
     """Bytes of the packed file of ``fp32_model`` re-factorised to ``dims`` and quantized with
-    ``plan`` (no training: the size depends on the plan only), with the header metadata
-    ``fp32_model.k2quant_pack_extra`` if set (:func:`compress` sets it to the export's).
-    An upper bound: the header's per-tensor checksums depend on the trained values (see the
-    slack below), so the real file may be a few bytes smaller."""
+    ``plan`` (no training: the size depends on the plan only), with the header metadata of
+    :func:`compress`'s export. An upper bound: the header (zlib-compressed JSON) holds
+    per-tensor checksums that depend on the trained values (see the slack below), so the real
+    file may be a few bytes smaller."""
     from k2quant.export import save_packed
     from k2quant.qat import build_qat_model
 
     model = build_qat_model(fp32_model, plan, dims).eval()
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "size.k2q"
-        # the header metadata of the real export (set by compress(); the header is
-        # compressed, so its exact content matters for the exact size)
-        save_packed(model, p, extra=getattr(fp32_model, "k2quant_pack_extra", None))
+        # the export's metadata, with the longer of the two utt_cmn values
+        save_packed(model, p, extra=packed_extra(False, fp32_bytes_of(fp32_model) // 4))
         # The header holds a crc32 per tensor as a decimal number: trained weights have other
         # checksums, whose digits may be more. Bound that: 1 byte per possibly missing digit
         # (random digits compress to less) and 16 bytes for zlib's block boundaries.
@@ -735,7 +734,6 @@ def compress(cfg: CompressConfig) -> Dict[str, Any]:
     utt_cmn = bool(base.get("utt_cmn", True))
     sf = int(getattr(fp32, "subsampling_factor", 1))
     fingerprint = model_fingerprint(fp32)
-    fp32.k2quant_pack_extra = packed_extra(utt_cmn, fp32_bytes_of(fp32) // 4)
     budget = check_budget(cfg, fp32)
     timings["load"] = time.time() - t
     log.info("compress %s: %s, budget %s, fp32 %d params", cfg.system_name(), cfg.model,
@@ -822,7 +820,7 @@ def compress(cfg: CompressConfig) -> Dict[str, Any]:
     t = time.time()
     packed_path = out / "model.k2q"
     size = export_packed(qres.model, packed_path,
-                         extra=fp32.k2quant_pack_extra)
+                         extra=packed_extra(utt_cmn, fp32_bytes_of(fp32) // 4))
     timings["export"] = time.time() - t
 
     # ---- decode + verdict ---------------------------------------------------------------

@@ -686,7 +686,7 @@ def export_packed(model: nn.Module, path: PathLike,
     metadata (see :func:`k2quant.export.save_packed`)."""
     import os
 
-    from k2quant.export import save_packed, size_table
+    from k2quant.export import model_params, save_packed, size_table
 
     info = dict(save_packed(model, path, extra=extra))
     info["file_bytes"] = os.path.getsize(path)
@@ -696,6 +696,5 @@ def export_packed(model: nn.Module, path: PathLike,
     info["avg_bits"] = (sum(r.params * int(r.bits) for r in packed) / n) if n else 32.0
     info["quantized_params"] = n
     # parameters of the model (weights and biases; not quantizer state, not BatchNorm buffers)
-    info["params"] = sum(p.numel() for name, p in model.named_parameters()
-                         if "_quantizers." not in name)
+    info["params"] = model_params(model)
     return info

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from k2quant.utils.io import atomic_write_json, atomic_write_text, load_trusted
+from k2quant.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -199,24 +199,23 @@ def score_and_write(res: DecodeResult, out: Path, tag: str, lm_scales: Sequence[
 AM_INFO_FILE = "am-info.json"
 
 
-def am_info(model: nn.Module, source: str, packed_path: Optional[Any] = None,
+def am_info(model: nn.Module, source: str, path: Optional[Any] = None,
             fp32_params: Optional[int] = None) -> Dict[str, Any]:
     """What a lattice directory records about the acoustic model that produced it (read by
-    ``k2quant rescore`` and the system report): ``model`` (its source), ``params``, ``packed``
-    and ``bytes``: the packed file's size on disk, or 4 bytes per parameter for a float
-    checkpoint (the fp32 reference size), and ``fp32_params`` (of the fp32 model it came from,
-    when known)."""
-    import os
+    ``k2quant rescore`` and the system report): ``model`` (its source), and
+    :func:`k2quant.export.model_size_info` of the model file ``path`` (``params``, ``packed``,
+    ``bytes``; a float model without a file counts 4 bytes per parameter), plus
+    ``fp32_params``: of the fp32 model it came from (the model itself if float; else when
+    known)."""
+    from k2quant.export import model_params, model_size_info
 
-    params = sum(p.numel() for name, p in model.named_parameters() if "_quantizers." not in name)
-    info: Dict[str, Any] = {"model": source, "params": int(params), "packed": packed_path is not None}
-    if packed_path is not None:
-        info["bytes"] = os.path.getsize(packed_path)
-        info["fp32_params"] = int(fp32_params) if fp32_params else None
+    if path is not None:
+        info = model_size_info(model, path)
     else:
-        info["bytes"] = 4 * int(params)
-        info["fp32_params"] = int(params)
-    return info
+        n = model_params(model)
+        info = {"params": n, "packed": False, "bytes": 4 * n}
+    fp32 = fp32_params if info["packed"] else info["params"]
+    return {"model": source, **info, "fp32_params": int(fp32) if fp32 else None}
 
 
 def _decode_and_write(model: nn.Module, utt_cmn: bool, lang_dir: str, cuts_path: str,
@@ -291,19 +290,22 @@ def run_decode(
     opts = opts or DecodeOptions()
     dev = _device(device, num_threads)
     if model_path is None:
-        from k2quant.training.checkpoint import checkpoint_path, load_averaged_model
+        from k2quant.training.checkpoint import (average_checkpoints, checkpoints_to_average,
+                                                 model_from_checkpoint)
 
         if exp_dir is None or epoch is None:
             raise ValueError("run_decode: give exp_dir and epoch, or model_path")
-        stored = load_trusted(checkpoint_path(exp_dir, epoch)).get("config", {}).get("utt_cmn")
-        model = load_averaged_model(exp_dir, epoch, avg, device=str(dev))
+        paths = checkpoints_to_average(exp_dir, epoch, avg)
+        ck = average_checkpoints(paths)
+        stored = (ck.get("config") or {}).get("utt_cmn")
+        model = model_from_checkpoint(ck, paths[-1])
         tag = tag or f"{_split_name(cuts_path)}-epoch-{epoch}-avg-{avg}"
         am = am_info(model, f"{Path(exp_dir) / f'epoch-{epoch}.pt'} (avg {avg})")
         extra: Dict[str, Any] = {"epoch": epoch, "avg": avg, "exp_dir": str(exp_dir)}
     else:
         if exp_dir is not None or epoch is not None:
             raise ValueError("run_decode: give either model_path or exp_dir/epoch, not both")
-        model, stored, am = _load_model_file(Path(model_path), dev)
+        model, stored, am = _load_model_file(Path(model_path))
         tag = tag or f"{_split_name(cuts_path)}-{Path(model_path).stem}"
         extra = {"model": str(model_path)}
     if utt_cmn is None:
@@ -315,7 +317,7 @@ def run_decode(
                              tag, extra, am)
 
 
-def _load_model_file(path: Path, dev: torch.device):
+def _load_model_file(path: Path):
     """(acoustic model, its stored utt_cmn or None, am_info) of a .k2q or checkpoint file."""
     from k2quant.export import is_packed_file, load_packed, read_header
 
@@ -326,24 +328,19 @@ def _load_model_file(path: Path, dev: torch.device):
         meta = read_header(path).extra
         model = load_packed(path)
         stored = meta.get("utt_cmn")
-        am = am_info(model, str(path), packed_path=path, fp32_params=meta.get("fp32_params"))
+        fp32_params = meta.get("fp32_params")
     else:
-        from k2quant.models import build_model
-        from k2quant.training.checkpoint import average_checkpoints
+        from k2quant.training.checkpoint import average_checkpoints, model_from_checkpoint
 
         try:
             ck = average_checkpoints([path])
         except Exception as e:  # not a torch file
             raise ValueError(f"--model {path}: neither a packed .k2q export nor a k2quant "
                              f"checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(ck.get("model_spec"), dict):
-            raise ValueError(f"--model {path}: the checkpoint has no model_spec; it was not "
-                             f"written by 'k2quant train' / 'k2quant average-checkpoints'")
-        model = build_model(ck["model_spec"])
-        model.load_state_dict(ck["model"])
+        model = model_from_checkpoint(ck, f"--model {path}")
         stored = (ck.get("config") or {}).get("utt_cmn")
-        am = am_info(model, str(path))
-    if getattr(model, "subsampling_factor", None) is None or not hasattr(model, "forward"):
+        fp32_params = None
+    if getattr(model, "subsampling_factor", None) is None:
         raise ValueError(f"--model {path}: holds a {type(model).__name__}, not an acoustic "
                          f"model (TDNN-F)")
-    return model, stored, am
+    return model, stored, am_info(model, str(path), path, fp32_params)

@@ -17,11 +17,20 @@ from k2quant.export.format import (
     read_tensors,
     save_packed,
 )
-from k2quant.export.size import SizeReport, SizeRow, format_report, size_table, theoretical_payload_bytes
+from k2quant.export.size import (
+    SizeReport,
+    SizeRow,
+    format_report,
+    model_params,
+    model_size_info,
+    size_table,
+    theoretical_payload_bytes,
+)
 
 __all__ = [
     "pack_bits", "unpack_bits", "packed_nbytes",
     "FORMAT_VERSION", "MAGIC", "PackedFormatError", "is_packed_file",
     "save_packed", "load_packed", "read_header", "read_tensors",
     "SizeReport", "SizeRow", "size_table", "theoretical_payload_bytes", "format_report",
+    "model_params", "model_size_info",
 ]

@@ -33,7 +33,24 @@ import torch
 from k2quant.export.format import is_packed_file, read_header, _dtype_from_name, _element_size
 from k2quant.utils.io import PathLike
 
-__all__ = ["SizeRow", "SizeReport", "size_table", "theoretical_payload_bytes", "format_report"]
+__all__ = ["SizeRow", "SizeReport", "size_table", "theoretical_payload_bytes", "format_report",
+           "model_params", "model_size_info"]
+
+
+def model_params(model: torch.nn.Module) -> int:
+    """Weights and biases of ``model`` (quantizer state and BatchNorm buffers not counted)."""
+    return int(sum(p.numel() for name, p in model.named_parameters()
+                   if "_quantizers." not in name))
+
+
+def model_size_info(model: torch.nn.Module, path: PathLike) -> Dict[str, object]:
+    """``{"params", "packed", "bytes"}`` of a model loaded from ``path``: ``bytes`` is the
+    packed file's size on disk, or 4 bytes per parameter for a float checkpoint (the fp32
+    reference size; a training checkpoint on disk also holds optimizer state)."""
+    params = model_params(model)
+    packed = is_packed_file(path)
+    return {"params": params, "packed": packed,
+            "bytes": os.path.getsize(path) if packed else 4 * params}
 
 
 @dataclass

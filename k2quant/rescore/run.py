@@ -59,20 +59,6 @@ def read_words_txt(path: PathLike) -> Dict[int, str]:
     return {i: w for w, i in table.items()}
 
 
-def lm_size_info(lm, lm_path: PathLike) -> Dict[str, Any]:
-    """Size facts of the LM for the system report: ``params``, ``packed``, and ``bytes`` = the
-    packed file's size on disk, or 4 bytes per parameter for a float checkpoint (the fp32
-    reference size; a training checkpoint on disk also holds optimizer state)."""
-    import os
-
-    from k2quant.export import is_packed_file
-
-    params = sum(p.numel() for name, p in lm.named_parameters() if "_quantizers." not in name)
-    packed = is_packed_file(lm_path)
-    return {"params": int(params), "packed": bool(packed),
-            "bytes": os.path.getsize(lm_path) if packed else 4 * int(params)}
-
-
 def read_am_info(lattice_dir: PathLike) -> Optional[Dict[str, Any]]:
     """The acoustic model facts ``k2quant decode --save-lattices`` stored with the lattices
     (``am-info.json``), or None for lattices from elsewhere (e.g. an icefall decode)."""
@@ -137,6 +123,7 @@ def run_rescore(
     import torch
 
     from k2quant.decode.graph import file_sha256
+    from k2quant.export import model_size_info
     from k2quant.models.transformer_lm import load_lm
     from k2quant.rescore.nbest import (
         DEFAULT_SKIP_WORDS,
@@ -177,7 +164,7 @@ def run_rescore(
     summary: Dict[str, Any] = {
         "lattice_dir": str(lattice_dir),
         "lm": str(lm_path),
-        "lm_size": lm_size_info(lm, lm_path),
+        "lm_size": model_size_info(lm, lm_path),
         "am": read_am_info(lattice_dir),
         "lm_unit": lm.tokenizer.unit,
         "words_txt": str(words_txt),
@@ -224,5 +211,4 @@ def run_rescore(
     return summary
 
 
-__all__ = ["read_refs", "read_words_txt", "parse_scales", "run_rescore", "lm_size_info",
-           "read_am_info"]
+__all__ = ["read_refs", "read_words_txt", "parse_scales", "run_rescore", "read_am_info"]

@@ -276,22 +276,29 @@ def average_checkpoints(paths: Sequence[PathLike], map_location: str = "cpu") ->
     }
 
 
-def load_averaged_model(exp_dir: PathLike, epoch: int, avg: int, device: str = "cpu") -> nn.Module:
-    """Rebuild the model of ``exp_dir`` from its spec and load the ``--epoch/--avg`` average.
-
-    ``avg == 1`` loads ``epoch-{epoch}.pt`` as is. The model is returned in eval mode.
-    """
+def model_from_checkpoint(ck: Dict[str, Any], source: PathLike, device: str = "cpu") -> nn.Module:
+    """Rebuild the model of a checkpoint dict (``model_spec`` + ``model``, e.g. from
+    :func:`average_checkpoints`) in eval mode; ``ValueError`` naming ``source`` without a spec."""
     from k2quant.models import build_model
 
-    paths = checkpoints_to_average(exp_dir, epoch, avg)
-    ck = average_checkpoints(paths)
-    if ck["model_spec"] is None:
+    if not isinstance(ck.get("model_spec"), dict):
         raise ValueError(
-            f"{paths[-1]} has no model_spec; it was not written by k2quant's training loop"
+            f"{source} has no model_spec; it was not written by k2quant's training loop "
+            f"('k2quant train' / 'k2quant average-checkpoints')"
         )
     model = build_model(ck["model_spec"])
     model.load_state_dict(ck["model"])
     model.to(device)
     model.eval()
+    return model
+
+
+def load_averaged_model(exp_dir: PathLike, epoch: int, avg: int, device: str = "cpu") -> nn.Module:
+    """Rebuild the model of ``exp_dir`` from its spec and load the ``--epoch/--avg`` average.
+
+    ``avg == 1`` loads ``epoch-{epoch}.pt`` as is. The model is returned in eval mode.
+    """
+    paths = checkpoints_to_average(exp_dir, epoch, avg)
+    model = model_from_checkpoint(average_checkpoints(paths), paths[-1], device)
     log.info("loaded model from %s", ", ".join(p.name for p in paths))
     return model
