@@ -86,33 +86,13 @@ avg=2
 seed=42
 data_dir=data
 exp_dir=exp
-# --- compression of the acoustic model (stages 7-8) ---
-# Runs, in order, each into $exp_dir/compress/NAME; NAME is one of
-#   uniformB            every layer at B bits (method uniform)
-#   M-rX                mixed precision by M (hessian|kl|nas) at on-disk ratio X vs fp32
-#   M-bX                mixed precision by M at X average bits
-#   M-uBsize            mixed precision by M at the file size of uniformB (run uniformB first)
-#   M-sub-rX            M (hessian|kl) + TDNN-F bottleneck dims (--subspace) at ratio X
+. "$top/local/compression_options.sh"  # defaults of the stage 7-12 options
 # The default covers the acceptance rows (>= 8x at <= 4 bits, mixed vs uniform at the 2-bit
 # size, subspace >= 12x, and the 16x AM of the AM+LM system): measured 163 + 132 + 326 + 68 +
 # 67 s = 12.6 min of 1-thread runs on 2 cores; --compress-runs "$compress_runs_full" gives the
 # issue's full table (~35 min).
 compress_runs="uniform2 hessian-r8 hessian-u2size hessian-sub-r12.5 hessian-sub-r16"
 compress_runs_full="uniform8 uniform4 uniform3 uniform2 hessian-r8 kl-r8 nas-r8 hessian-u3size kl-u3size hessian-u2size kl-u2size nas-u2size hessian-sub-r12.5 hessian-sub-r16"
-compress_sens_utts=100   # training utterances of the sensitivity (and NAS)
-compress_sens_samples=8  # Hutchinson probes per batch (hessian)
-compress_qat_epochs=2
-# --- Transformer LM and lattice rescoring (stages 9-12) ---
-lm_text=             # a larger LM text corpus (plain, one sentence per line) [default: the
-                     # training transcripts]; held-out perplexity is on the dev transcripts
-lm_epochs=20
-lm_preset=small
-lm_compress_method=kl
-lm_ratio=12          # on-disk compression of the LM (~2 average bits)
-lm_qat_epochs=10
-rescore_lm_scales=0.1,0.2,0.3,0.4,0.5,0.7,1.0
-rescore_ngram_scale=1
-rescore_num_paths=100
 system_am=hessian-sub-r16    # the compressed AM of the AM+LM system (a --compress-runs name)
 
 help_message="Usage: $0 --corpus-dir DIR [options]
@@ -121,15 +101,8 @@ help_message="Usage: $0 --corpus-dir DIR [options]
   --stage N / --stop-stage N   run stages N..M (0 manifests, 1 fbank, 2 lang, 3 word LM + HLG,
                                4 train, 5 decode, 6 score, 7 compress AM, 8 compression report,
                                9 Transformer LM, 10 compress LM, 11 lattices + rescoring,
-                               12 rescoring summary)
-  --compress-runs \"NAME ...\" [$compress_runs]
-                               uniformB | M-rX | M-bX | M-uBsize | M-sub-rX (M: hessian|kl|nas);
-                               full table: --compress-runs \"$compress_runs_full\"
-  --compress-sens-utts N [$compress_sens_utts]  --compress-qat-epochs N [$compress_qat_epochs]
-  --lm-text FILE  LM training text (plain) [training transcripts]  --lm-epochs N [$lm_epochs]
-  --lm-ratio X [$lm_ratio]  --lm-compress-method M [$lm_compress_method]
-  --rescore-lm-scales LIST [$rescore_lm_scales]  --rescore-num-paths N [$rescore_num_paths]
-  --system-am NAME [$system_am]  compressed AM of the AM+LM system
+                               12 AM+LM system table)
+$(compression_help)
   --num-epochs N [$num_epochs]  --max-duration S [$max_duration]  --speed-perturb B [$speed_perturb]
   --model-preset P [$model_preset]  --model-config JSON  --lr X [$lr]  --avg K [$avg]
   --num-threads N [$num_threads]  --data-dir DIR [$data_dir]  --exp-dir DIR [$exp_dir]"
