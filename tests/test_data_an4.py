@@ -255,3 +255,19 @@ def test_real_an4_metadata_split():
     assert ("test" in splits) == has_test
     lex_words = {w for w, _ in convert_an4_dictionary(REAL_AN4)}
     assert all(w in lex_words for u in train + dev for w in u.text.split())
+
+
+def test_prepare_an4_dev2_is_a_second_disjoint_split(tmp_path):
+    corpus = make_fake_an4(tmp_path / "an4", with_test=False)
+    base = prepare_an4(corpus, tmp_path / "a", num_dev_speakers=2, seed=0)
+    m = prepare_an4(corpus, tmp_path / "b", num_dev_speakers=2, num_dev2_speakers=2, seed=0)
+    assert list(m) == ["train", "dev", "dev2"]
+    spk = {s: {x.speaker for x in m[s]["supervisions"]} for s in m}
+    # dev is the same with or without dev2; dev2 is gender-balanced and disjoint from both
+    assert spk["dev"] == {x.speaker for x in base["dev"]["supervisions"]}
+    assert len(spk["dev2"]) == 2 and {x[0] for x in spk["dev2"]} == {"f", "m"}
+    assert not spk["dev2"] & spk["dev"] and not spk["dev2"] & spk["train"]
+    assert spk["train"] | spk["dev"] | spk["dev2"] == set(TRAIN_SPEAKERS)
+    with pytest.raises(ValueError, match="num_dev2_speakers must be in"):
+        prepare_an4(corpus, tmp_path / "c", num_dev_speakers=2,
+                    num_dev2_speakers=len(TRAIN_SPEAKERS) - 2)

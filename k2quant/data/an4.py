@@ -32,6 +32,10 @@ Splits written by :func:`prepare_an4`:
   ``num_dev_speakers // 2`` female and the rest male, each group sampled with
   ``random.Random(seed)`` from its sorted speaker list (at least one speaker of each gender stays
   in train). With the defaults (8 speakers, seed 0) that is 4 female + 4 male speakers.
+- ``dev2``: ``num_dev2_speakers`` further whole training speakers, chosen the same way (seed
+  ``seed + 1``) among the speakers not in ``dev``: a second speaker-disjoint evaluation set that
+  is never used for tuning (model selection, LM scales and compression settings use ``dev``),
+  so that a result tuned on ``dev`` can be confirmed on unseen speakers. 0 disables it.
 - ``train``: the other training speakers.
 - ``test``: the official test part, when ``wav/an4test_clstk`` and
   ``etc/an4_test.transcription`` exist; otherwise there is no test split (logged).
@@ -237,12 +241,13 @@ def choose_dev_speakers(speakers: Sequence[str], num_dev_speakers: int, seed: in
 
 
 def split_an4(
-    corpus_dir: PathLike, *, num_dev_speakers: int = 8, seed: int = 0
+    corpus_dir: PathLike, *, num_dev_speakers: int = 8, num_dev2_speakers: int = 0, seed: int = 0
 ) -> "OrderedDict[str, List[An4Utterance]]":
-    """Read AN4's metadata and split it into train/dev(/test); no audio is read.
+    """Read AN4's metadata and split it into train/dev(/dev2)(/test); no audio is read.
 
     Returns an ordered dict ``split -> utterances`` with keys ``train``, ``dev`` (if
-    ``num_dev_speakers > 0``) and ``test`` (if the official test part is present).
+    ``num_dev_speakers > 0``), ``dev2`` (if ``num_dev2_speakers > 0``) and ``test`` (if the
+    official test part is present). ``dev`` does not depend on ``num_dev2_speakers``.
     """
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
@@ -251,10 +256,19 @@ def split_an4(
         )
     train_all = load_an4_part(corpus_dir, "train")
     dev_speakers = set(choose_dev_speakers([u.speaker for u in train_all], num_dev_speakers, seed))
+    rest = [u.speaker for u in train_all if u.speaker not in dev_speakers]
+    if num_dev2_speakers < 0 or num_dev2_speakers >= len(set(rest)):
+        raise ValueError(
+            f"num_dev2_speakers must be in [0, {len(set(rest)) - 1}] ({len(set(rest))} training "
+            f"speakers are left after dev and train needs at least one), got {num_dev2_speakers}")
+    dev2_speakers = set(choose_dev_speakers(rest, num_dev2_speakers, seed + 1))
+    held_out = dev_speakers | dev2_speakers
     splits: "OrderedDict[str, List[An4Utterance]]" = OrderedDict()
-    splits["train"] = [u for u in train_all if u.speaker not in dev_speakers]
+    splits["train"] = [u for u in train_all if u.speaker not in held_out]
     if num_dev_speakers > 0:
         splits["dev"] = [u for u in train_all if u.speaker in dev_speakers]
+    if num_dev2_speakers > 0:
+        splits["dev2"] = [u for u in train_all if u.speaker in dev2_speakers]
     test_dir = corpus_dir / "wav" / _PARTS["test"]
     test_trans = corpus_dir / "etc" / "an4_test.transcription"
     if test_dir.is_dir() and test_trans.is_file():
@@ -335,6 +349,7 @@ def prepare_an4(
     output_dir: PathLike,
     *,
     num_dev_speakers: int = 8,
+    num_dev2_speakers: int = 0,
     seed: int = 0,
 ) -> Dict[str, Dict[str, object]]:
     """Write AN4 lhotse manifests and lexicon into ``output_dir``.
@@ -351,6 +366,7 @@ def prepare_an4(
     config = {
         "corpus_dir": str(corpus_dir.resolve()),
         "num_dev_speakers": num_dev_speakers,
+        "num_dev2_speakers": num_dev2_speakers,
         "seed": seed,
     }
     done = output_dir / ".an4.done"
@@ -369,7 +385,8 @@ def prepare_an4(
                 for s in splits
             }
 
-    splits = split_an4(corpus_dir, num_dev_speakers=num_dev_speakers, seed=seed)
+    splits = split_an4(corpus_dir, num_dev_speakers=num_dev_speakers,
+                       num_dev2_speakers=num_dev2_speakers, seed=seed)
     lexicon = convert_an4_dictionary(corpus_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifests: Dict[str, Dict[str, object]] = {}
@@ -412,7 +429,7 @@ def prepare_an4(
             sum(1 for s in spk if s.startswith("m")),
             hours,
         )
-    for stale in ("train", "dev", "test"):  # e.g. dev of an earlier run with num_dev_speakers > 0
+    for stale in ("train", "dev", "dev2", "test"):  # e.g. dev of an earlier run with num_dev_speakers > 0
         if stale not in splits:
             for path in (
                 recordings_path(output_dir, "an4", stale),

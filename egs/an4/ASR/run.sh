@@ -67,6 +67,7 @@ stop_stage=100
 corpus_dir=download/an4   # extracted AN4 (holding etc/ and wav/)
 download=false            # true: fetch AN4 into --corpus-dir if it is not there
 num_dev_speakers=8
+num_dev2_speakers=8       # dev2: 8 more held-out speakers, never used for tuning
 speed_perturb=false
 num_jobs=1
 num_threads=2
@@ -125,7 +126,8 @@ if run_stage 0 "AN4 manifests and lexicon from $corpus_dir into $manifests" "$ma
     die "AN4 corpus not found at '$corpus_dir' (expected $corpus_dir/etc and $corpus_dir/wav). Pass --corpus-dir /path/to/an4, or --download true to fetch it (64 MB) into --corpus-dir."
   fi
   "$k2quant" prepare-an4 --corpus-dir "$corpus_dir" --output-dir "$manifests" \
-    --num-dev-speakers "$num_dev_speakers" "${download_flag[@]+"${download_flag[@]}"}"
+    --num-dev-speakers "$num_dev_speakers" --num-dev2-speakers "$num_dev2_speakers" \
+    "${download_flag[@]+"${download_flag[@]}"}"
   mark_done "$manifests/.stage0.done"
 fi
 
@@ -169,7 +171,8 @@ if run_stage 4 "Train TDNN-F ($model_preset) with LF-MMI for $num_epochs epochs"
 fi
 
 splits=dev
-[ -f "$fbank/cuts_test.jsonl.gz" ] && splits="dev test"
+[ -f "$fbank/cuts_dev2.jsonl.gz" ] && splits="$splits dev2"
+[ -f "$fbank/cuts_test.jsonl.gz" ] && splits="$splits test"
 if run_stage 5 "Decode $splits (epoch $num_epochs, avg $avg, HLG 1-best)"; then
   for split in $splits; do
     tag=$split-epoch-$num_epochs-avg-$avg
