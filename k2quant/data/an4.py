@@ -82,6 +82,9 @@ from k2quant.utils.io import PathLike, atomic_open
 
 log = logging.getLogger(__name__)
 
+#: AN4 is 16 kHz, 16-bit mono; preparation rejects any other audio, naming the file.
+SAMPLING_RATE = 16000
+
 AN4_URL = "http://www.speech.cs.cmu.edu/databases/an4/an4_sphere.tar.gz"
 AUDIO_EXTENSIONS = (".wav", ".sph", ".WAV", ".SPH", ".flac")
 _PARTS = {"train": "an4_clstk", "test": "an4test_clstk"}
@@ -399,6 +402,12 @@ def prepare_an4(
                 else u.audio
             )
             rec = lhotse.Recording.from_file(audio.resolve(), recording_id=u.utt_id)
+            if rec.sampling_rate != SAMPLING_RATE or rec.num_channels != 1:
+                raise ValueError(
+                    f"AN4: {audio} is {rec.sampling_rate} Hz with {rec.num_channels} channel(s), "
+                    f"but the AN4 corpus is {SAMPLING_RATE} Hz mono; is --corpus-dir the CMU "
+                    "AN4 distribution (wav/ of an4_sphere.tar.gz or an4_raw converted to WAV)?"
+                )
             recordings.append(rec)
             supervisions.append(
                 lhotse.SupervisionSegment(
