@@ -9,8 +9,24 @@ Both tests are *paired*: they compare the per-utterance error counts of a baseli
   ``W = mean(Z) / (std(Z) / sqrt(n))`` which is approximately N(0, 1) under H0 (equal expected
   errors). The segment of NIST's full version (stretches bounded by words both systems got
   right) is finer; utterance segments are the common choice for short utterances.
+- :func:`mapsswe_nist` -- the same test with NIST's segmentation, as ``sc_stats -t mapsswe``
+  of SCTK (the standard, e.g. in Kaldi's and NIST's evaluations): within each utterance,
+  segments are stretches that contain errors of either system, bounded by ``min_good = 2``
+  consecutive reference words that *both* systems recognised correctly (the boundary words are
+  part of the segment; an utterance's start and end also bound segments); segments where
+  neither system errs are dropped. ``Z_i`` are the per-segment error differences, the variance
+  divides by ``n - 1``, and the p-value is two-sided by default (as sc_stats reports). It
+  follows sc_stats in two details: insertions that start an utterance or follow a correct
+  word move to the error state, and the last segment of an utterance runs to the end of both
+  alignments (trailing insertions included). The p-value is the exact normal one; sc_stats prints a
+  table-lookup value instead (the normal CDF at the lower 0.01 step of ``|Z|``, up to 0.008
+  larger): :func:`sctk_table_p_value` reproduces it.
 - :func:`paired_bootstrap` -- Bisani & Ney (2004): resample utterances with replacement and look
   at the distribution of ``WER_B - WER_A``.
+
+Segments of :func:`mapsswe` are whole utterances (it needs only per-utterance error counts);
+on short utterances (AN4) the two segmentations are close, on long conversational ones
+(eval2000) NIST's finer segments give more, smaller ``Z_i``.
 
 "Lossless" in k2quant means the candidate's WER *increase* is not significant:
 ``p_value(alternative="greater") >= alpha`` (alpha = 0.05). The one-sided test is the stricter
@@ -18,7 +34,7 @@ choice for this claim (its p-value is half the two-sided one when B is worse).
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +55,7 @@ class SignificanceResult:
     statistic: float
     p_value: float
     alternative: str
+    num_segments: Optional[int] = None
 
     def significant(self, alpha: float = 0.05) -> bool:
         return self.p_value < alpha
@@ -133,6 +150,161 @@ def mapsswe(
     return _result("mapsswe", e_a, e_b, n_ref, w, p, alternative)
 
 
+CORR, SUB, DEL, INS = "C", "S", "D", "I"
+
+
+def _evals(alignment: Sequence[Tuple[Optional[str], Optional[str]]]) -> List[str]:
+    """(ref, hyp) pairs (None = epsilon) -> C/S/D/I per alignment position."""
+    out = []
+    for r, h in alignment:
+        if r is None:
+            out.append(INS)
+        elif h is None:
+            out.append(DEL)
+        else:
+            out.append(CORR if r == h else SUB)
+    return out
+
+
+def _seg_counts(ev: Sequence[str], beg: int, end: int) -> Tuple[int, int]:
+    beg = max(beg, 0)
+    part = ev[beg:end + 1]
+    return sum(e != CORR for e in part), sum(e != INS for e in part)
+
+
+def nist_segments(
+    alignment_a: Sequence[Tuple[Optional[str], Optional[str]]],
+    alignment_b: Sequence[Tuple[Optional[str], Optional[str]]],
+    min_good: int = 2,
+) -> List[Tuple[int, int, int]]:
+    """MAPSSWE segments of one utterance as ``sc_stats`` finds them (module docstring).
+
+    Args:
+      alignment_a, alignment_b: the two systems' alignments of the utterance, lists of
+        ``(ref_word, hyp_word)`` with None for epsilon (:func:`k2quant.scoring.align_words`);
+        their reference words must be the same.
+      min_good: correct words (of both systems) that end a segment.
+
+    Returns:
+      ``[(ref_words, errors_a, errors_b)]`` per segment with at least one error.
+    """
+    if min_good < 1:
+        raise ValueError(f"min_good must be >= 1, got {min_good}")
+    refs_a = [r for r, _ in alignment_a if r is not None]
+    refs_b = [r for r, _ in alignment_b if r is not None]
+    if refs_a != refs_b:
+        raise ValueError("the two alignments have different reference words")
+    e1, e2 = _evals(alignment_a), _evals(alignment_b)
+    n1, n2 = len(e1), len(e2)
+    segs: List[Tuple[int, int, int]] = []
+
+    def store(b1, b2, t1, t2):
+        err1, ref1 = _seg_counts(e1, b1, t1)
+        err2, ref2 = _seg_counts(e2, b2, t2)
+        if err1 or err2:
+            segs.append(((ref1 + ref2) // 2, err1, err2))
+
+    i1 = i2 = eog1 = eog2 = num_good = 0
+    state = "b"
+    while i1 < n1:
+        while i1 < n1 and e1[i1] == INS:
+            i1, state = i1 + 1, "e"
+        while i2 < n2 and e2[i2] == INS:
+            i2, state = i2 + 1, "e"
+        both = i1 < n1 and i2 < n2 and e1[i1] == CORR and e2[i2] == CORR
+        if state == "b":
+            if both:
+                eog1, eog2 = i1, i2
+            else:
+                state = "e"
+        elif state == "e":
+            if both:
+                num_good = 1
+                if num_good == min_good:
+                    store(eog1 - (min_good - 1), eog2 - (min_good - 1), i1, i2)
+                    eog1, eog2, state = i1, i2, "b"
+                else:
+                    state = "g"
+        else:  # "g": counting correct words after an error
+            if both:
+                num_good += 1
+                if num_good == min_good:
+                    store(eog1 - (min_good - 1), eog2 - (min_good - 1), i1, i2)
+                    eog1, eog2, state = i1, i2, "b"
+            else:
+                state = "e"
+        if i1 < n1:
+            i1 += 1
+        if i2 < n2:
+            i2 += 1
+    if state != "b" or i2 < n2:  # trailing errors, or B's trailing insertions
+        store(eog1 - (min_good - 1), eog2 - (min_good - 1), n1 - 1, n2 - 1)
+    return segs
+
+
+def sctk_table_p_value(z: float) -> float:
+    """The two-sided p-value sc_stats prints: the normal CDF at ``floor(100 |z|) / 100``."""
+    zq = math.floor(100 * abs(z) + 1e-9) / 100
+    return min(1.0, 2.0 * _normal_sf(zq))
+
+
+def mapsswe_nist(
+    alignments_a: Mapping[str, Sequence[Tuple[Optional[str], Optional[str]]]],
+    alignments_b: Mapping[str, Sequence[Tuple[Optional[str], Optional[str]]]],
+    alternative: str = "two-sided",
+    min_good: int = 2,
+) -> SignificanceResult:
+    """MAPSSWE of B against A with NIST's sentence segments (see the module docstring).
+
+    Args:
+      alignments_a, alignments_b: ``{utt_id: alignment}`` of the same utterances
+        (``WerResult.utts[u].alignment`` of :func:`k2quant.scoring.compute_wer`).
+      alternative: ``"two-sided"`` (sc_stats), ``"greater"`` (B worse) or ``"less"``.
+      min_good: boundary of correct words (sc_stats: 2).
+
+    Returns:
+      :class:`SignificanceResult` with ``statistic = W = mean(e_B - e_A) / se`` over the
+      segments (sc_stats prints ``-W``: it subtracts the second system), ``num_segments``, and
+      word counts and WERs of the whole utterances.
+    """
+    _check_alternative(alternative)
+    ids_a, ids_b = set(alignments_a), set(alignments_b)
+    if ids_a != ids_b:
+        raise ValueError(
+            f"paired test needs the same utterances in both systems: {len(ids_a - ids_b)} only "
+            f"in A (e.g. {sorted(ids_a - ids_b)[:5]}), {len(ids_b - ids_a)} only in B "
+            f"(e.g. {sorted(ids_b - ids_a)[:5]})"
+        )
+    if not ids_a:
+        raise ValueError("paired test needs at least one utterance, got none")
+    diffs: List[int] = []
+    e_a, e_b, n_ref = [], [], []
+    for u in sorted(ids_a):
+        try:
+            segs = nist_segments(alignments_a[u], alignments_b[u], min_good)
+        except ValueError as e:
+            raise ValueError(f"utterance {u!r}: {e}") from e
+        diffs.extend(eb - ea for _, ea, eb in segs)
+        ev_a, ev_b = _evals(alignments_a[u]), _evals(alignments_b[u])
+        e_a.append(sum(x != CORR for x in ev_a))
+        e_b.append(sum(x != CORR for x in ev_b))
+        n_ref.append(sum(x != INS for x in ev_a))
+    z = np.asarray(diffs, dtype=np.float64)
+    n = len(z)
+    var = float(z.var(ddof=1)) if n > 1 else 0.0
+    w = float(z.mean()) / math.sqrt(var / n) if var > 0 else 0.0  # sc_stats: Z = 0 if var = 0
+    if alternative == "greater":
+        p = _normal_sf(w)
+    elif alternative == "less":
+        p = _normal_sf(-w)
+    else:
+        p = min(1.0, 2.0 * _normal_sf(abs(w)))
+    res = _result("mapsswe_nist", np.asarray(e_a), np.asarray(e_b), np.asarray(n_ref), w, p,
+                  alternative)
+    res.num_segments = n
+    return res
+
+
 def paired_bootstrap(
     errors_a: Mapping[str, Tuple[int, int]],
     errors_b: Mapping[str, Tuple[int, int]],
@@ -222,6 +394,48 @@ def lossless_verdict(
             "mapsswe": m.as_dict(), "bootstrap": b.as_dict()}
 
 
+def compare_systems(
+    refs: Mapping[str, Sequence[str]],
+    hyps_a: Mapping[str, Sequence[str]],
+    hyps_b: Mapping[str, Sequence[str]],
+    num_samples: int = 10000,
+    seed: int = 0,
+) -> Dict[str, object]:
+    """Every paired test of B against A on Kaldi-style texts (``utt -> words``).
+
+    Utterances without a hypothesis count as all deletions. Alignments are sclite's
+    (:func:`k2quant.scoring.align_words_nist`).
+
+    Returns:
+      ``{"mapsswe_nist": two-sided NIST MAPSSWE (as sc_stats), "mapsswe_nist_greater":
+      one-sided (B worse), "sctk_table_p": the p-value sc_stats prints,
+      "mapsswe_utterance": one-sided MAPSSWE with utterance segments, "bootstrap": one-sided
+      paired bootstrap}``, each a :meth:`SignificanceResult.as_dict`.
+    """
+    from k2quant.scoring import align_words_nist
+
+    extra = sorted((set(hyps_a) | set(hyps_b)) - set(refs))
+    if extra:
+        raise ValueError(f"{len(extra)} hypotheses have no reference, e.g. {extra[:3]}")
+    ali_a = {u: align_words_nist(list(r), list(hyps_a.get(u, []))) for u, r in refs.items()}
+    ali_b = {u: align_words_nist(list(r), list(hyps_b.get(u, []))) for u, r in refs.items()}
+    two = mapsswe_nist(ali_a, ali_b, "two-sided")
+    one = mapsswe_nist(ali_a, ali_b, "greater")
+
+    def errs(ali):
+        return {u: (sum(1 for r, h in a if r != h), sum(1 for r, _ in a if r is not None))
+                for u, a in ali.items()}
+
+    ea, eb = errs(ali_a), errs(ali_b)
+    return {
+        "mapsswe_nist": two.as_dict(),
+        "mapsswe_nist_greater": one.as_dict(),
+        "sctk_table_p": sctk_table_p_value(two.statistic),
+        "mapsswe_utterance": mapsswe(ea, eb, "greater").as_dict(),
+        "bootstrap": paired_bootstrap(ea, eb, num_samples=num_samples, seed=seed).as_dict(),
+    }
+
+
 def errors_from_table(rows: Sequence[Tuple[str, int, int]]) -> Dict[str, Tuple[int, int]]:
     """``[(utt_id, num_errors, num_ref_words), ...]`` -> ``{utt_id: (errors, ref_words)}``.
 
@@ -249,6 +463,10 @@ def load_errors(path) -> Dict[str, Tuple[int, int]]:
 __all__ = [
     "SignificanceResult",
     "mapsswe",
+    "mapsswe_nist",
+    "nist_segments",
+    "compare_systems",
+    "sctk_table_p_value",
     "paired_bootstrap",
     "lossless_verdict",
     "pair_errors",
