@@ -10,10 +10,12 @@ from click.testing import CliRunner
 lhotse = pytest.importorskip("lhotse")
 sf = pytest.importorskip("soundfile")
 
+from fake_ldc import GLM, STM_HEADER  # noqa: E402
 from k2quant.data.lexicon import read_lexicon  # noqa: E402
 from k2quant.data.swbd import (  # noqa: E402
     convert_ms98_dictionary,
     normalize_eval2000_text,
+    normalize_fisher_text,
     normalize_swbd_text,
     prepare_swbd,
 )
@@ -55,6 +57,11 @@ th-
 """
 
 
+EVAL_STM = """en_4156 A en_4156_A 1.00 2.50 <O,en,F,en-F> we're starting (%HESITATION) okay (TH-)
+en_4156 B en_4156_B 2.60 3.50 <O,en,M,en-M> what do you mean
+"""
+
+
 def _sph(path: Path, channels: int, seconds: float = 6.0):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -83,6 +90,8 @@ def make_fake_swbd(root: Path, with_eval: bool = True):
         t = eval_dir / "LDC2002T43" / "reference" / "english" / "en_4156.txt"
         t.parent.mkdir(parents=True)
         t.write_text(EVAL_TXT)
+        (t.parent.parent / "hub5e00.english.000405.stm").write_text(STM_HEADER + EVAL_STM)
+        (t.parent.parent / "en20000405_hub5.glm").write_text(GLM)
     return audio, trans, eval_dir
 
 
@@ -158,6 +167,8 @@ def test_prepare_swbd_splits_and_files(tmp_path):
     assert [s.text for s in ev] == ["WE'RE STARTING UM OKAY <UNK>", "WHAT DO YOU MEAN"]
     assert [s.speaker for s in ev] == ["en_4156-A", "en_4156-B"]
     assert not list(out.glob("eval2000_*"))  # lhotse's unnormalised manifests stay out
+    assert (out / "swbd_eval2000.stm").read_text() == STM_HEADER + EVAL_STM
+    assert (out / "swbd_eval2000.glm").read_text() == GLM
     lex = read_lexicon(out / "swbd_lexicon.txt")
     assert ("<UNK>", ["SPN"]) in lex and ("<sil>", ["SIL"]) in lex
     assert ("YES", ["Y", "EH", "S"]) in lex
@@ -197,6 +208,13 @@ def test_prepare_swbd_errors(tmp_path):
         prepare_swbd(audio, trans2, out, lexicon=tmp_path / "missing.text")
     with pytest.raises(FileNotFoundError, match=r"LDC2002S09/hub5e_00/english"):
         prepare_swbd(audio, trans2, out, eval2000_dir=tmp_path / "ldc2" / "eval2000")
+    (eval_dir / "LDC2002T43" / "reference" / "en20000405_hub5.glm").unlink()
+    with pytest.raises(FileNotFoundError, match=r"scoring file .*reference/en20000405_hub5.glm "
+                                                r"does not exist .*stm and glm of LDC2002T43"):
+        prepare_swbd(audio, trans2, out, eval2000_dir=eval_dir)
+    with pytest.raises(FileNotFoundError, match=r"Fisher: no transcripts data/trans/NNN/\*.txt "
+                                                r"under .*LDC2004T19 or LDC2005T19"):
+        prepare_swbd(audio, trans2, out, fisher_dirs=[empty])
     bad = tmp_path / "bad"
     (bad / "swb1").mkdir(parents=True)
     header = b"NIST_1A\n   1024\nsample_coding -s7 pcm,embedded-shorten-v2.00\nend_head\n"
@@ -225,3 +243,22 @@ def test_cli(tmp_path):
     assert len(lhotse.load_manifest(out / "swbd_supervisions_dev.jsonl.gz")) == 2
     r = CliRunner().invoke(cli, args[:2] + [str(tmp_path / "none")] + args[3:])
     assert r.exit_code != 0 and "LDC97S62" in r.output
+
+
+def test_fisher_text(tmp_path):
+    assert normalize_fisher_text("(( yeah )) [laugh] i [lipsmack] th- know ((")  == (
+        "YEAH [LAUGHTER] I [NOISE] <UNK> KNOW")
+    audio, trans, _ = make_fake_swbd(tmp_path / "ldc", with_eval=False)
+    d = tmp_path / "LDC2004T19" / "fe_03_p1_tran" / "data" / "trans" / "000"
+    d.mkdir(parents=True)
+    (d / "fe_03_00001.txt").write_text(
+        "# fe_03_00001.sph\n\n0.36 1.75 A: and (( i )) [laughter] think so\n\n"
+        "2.10 3.00 B: [noise]\n\n3.1 4.0 B: uh-huh\n")
+    out = tmp_path / "m"
+    prepare_swbd(audio, trans, out, num_dev_utts=0, fisher_dirs=[tmp_path / "LDC2004T19"])
+    assert (out / "swbd_fisher_text.txt").read_text() == (
+        "AND I [LAUGHTER] THINK SO\n[NOISE]\nUH-HUH\n")
+    (d / "fe_03_00002.txt").write_text("0.1 0.5 no speaker field\n")
+    with pytest.raises(ValueError, match=r"fe_03_00002.txt: expected 'START END A\|B: words'"):
+        prepare_swbd(audio, trans, tmp_path / "m2", num_dev_utts=0,
+                     fisher_dirs=[tmp_path / "LDC2004T19"])

@@ -32,6 +32,13 @@ import click
     help="MS-98 dictionary [default: swb_ms98_transcriptions/sw-ms98-dict.text].",
 )
 @click.option(
+    "--fisher-dir",
+    "fisher_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Fisher transcripts for the LM text (LDC2004T19, LDC2005T19); repeatable.",
+)
+@click.option(
     "--output-dir",
     required=True,
     type=click.Path(file_okay=False),
@@ -63,6 +70,7 @@ def main(
     transcripts_dir,
     eval2000_dir,
     lexicon,
+    fisher_dirs,
     output_dir,
     num_dev_utts,
     dev_split,
@@ -79,6 +87,7 @@ def main(
             output_dir,
             eval2000_dir=eval2000_dir,
             lexicon=lexicon,
+            fisher_dirs=list(fisher_dirs),
             num_dev_utts=num_dev_utts,
             seed=seed,
             dev_split=dev_split,

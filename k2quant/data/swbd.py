@@ -4,7 +4,10 @@ Source: Linguistic Data Consortium. Audio: Switchboard-1 Release 2, LDC97S62 (2,
 conversations, 2-channel 8 kHz SPHERE, ~260 h of speech). Transcripts and lexicon: the ISIP
 Mississippi State "MS-98" word transcriptions (``switchboard_word_alignments.tar.gz``, directory
 ``swb_ms98_transcriptions/`` with ``*/*/sw*-ms98-a-trans.text`` and ``sw-ms98-dict.text``).
-Test set: 2000 HUB5 English evaluation, LDC2002S09 (audio) + LDC2002T43 (transcripts).
+Test set: 2000 HUB5 English evaluation, LDC2002S09 (audio) + LDC2002T43 (transcripts, and the
+scoring files ``reference/hub5e00.english.000405.stm`` and ``reference/en20000405_hub5.glm``).
+LM text (optional): the Fisher English transcripts, LDC2004T19 (``fe_03_p1_tran``) and LDC2005T19
+(``fe_03_p2_tran``), ``data/trans/NNN/fe_03_NNNNN.txt`` each.
 
 Licence: LDC97S62, LDC2002S09 and LDC2002T43 need an LDC licence; the MS-98 transcriptions are
 public. Nothing is downloaded here: all three directories must be given.
@@ -42,6 +45,14 @@ Reading the LDC layouts is lhotse's (``lhotse.recipes.prepare_switchboard`` and
   is applied when ``max_dup_utts`` is set (default 300, None keeps all).
 - ``eval2000``: the whole Hub5'00 set (Switchboard + CallHome halves) when ``eval2000_dir`` is
   given, else no test split (logged).
+- Scoring files: the stm and glm of LDC2002T43 are copied to ``swbd_eval2000.stm`` and
+  ``swbd_eval2000.glm`` (NIST scoring with :func:`k2quant.sctk.score_stm`).
+- Fisher LM text ``swbd_fisher_text.txt`` (one utterance per line, when ``fisher_dirs`` are
+  given), normalised as Kaldi's ``fisher_map_words.pl`` / ``swbd1_train_lms.sh`` do, in the
+  training-text conventions above: ``((`` ``))`` (uncertain transcription) removed, the word
+  kept; ``[laugh]`` / ``[laughter]`` -> ``[LAUGHTER]``; other bracketed events (``[noise]``,
+  ``[sigh]``, ``[cough]``, ``[lipsmack]``, ``[breath]``, ``[mn]``) -> ``[NOISE]``; partial words
+  (``wh-``, ``-ing``) -> ``<UNK>``; upper-case; empty lines dropped.
 - Lexicon ``swbd_lexicon.txt``: ``sw-ms98-dict.text`` (``#`` comments skipped) with words mapped
   like training words and upper-cased, phones upper-cased, bracketed/partial entries and
   duplicates dropped; plus ``[NOISE] NSN``, ``[LAUGHTER] LAU``, ``[VOCALIZED-NOISE] SPN``,
@@ -62,7 +73,7 @@ import tempfile
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from k2quant.data.lexicon import SIL_PHONE, SIL_WORD, UNK_PHONE, UNK_WORD, Lexicon, write_lexicon
 from k2quant.data.manifests import (
@@ -74,7 +85,7 @@ from k2quant.data.manifests import (
     write_done,
 )
 from k2quant.utils.deps import optional_import
-from k2quant.utils.io import PathLike
+from k2quant.utils.io import PathLike, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +107,15 @@ _HINT_TRANS = (
     "*/*/swNNNNA-ms98-a-trans.text and sw-ms98-dict.text), or be that directory itself"
 )
 _HINT_EVAL = (
-    "--eval2000-dir must hold LDC2002S09/hub5e_00/english/*.sph and "
-    "LDC2002T43/reference/english/*.txt"
+    "--eval2000-dir must hold LDC2002S09/hub5e_00/english/*.sph and LDC2002T43/reference/ with "
+    "english/*.txt, hub5e00.english.000405.stm and en20000405_hub5.glm"
 )
+_HINT_FISHER = (
+    "each --fisher-dir must be a Fisher English transcript release, LDC2004T19 or LDC2005T19 "
+    "(or its fe_03_p1_tran / fe_03_p2_tran directory), holding data/trans/NNN/fe_03_NNNNN.txt"
+)
+EVAL2000_STM = "hub5e00.english.000405.stm"
+EVAL2000_GLM = "en20000405_hub5.glm"
 
 
 def normalize_swbd_word(word: str) -> Optional[str]:
@@ -145,6 +162,57 @@ def normalize_eval2000_text(text: str) -> str:
         else:
             out.append(w.upper())
     return " ".join(out)
+
+
+def normalize_fisher_text(text: str) -> str:
+    """Normalise one Fisher transcript line's words (see the module docstring)."""
+    out = []
+    for w in text.replace("((", " ").replace("))", " ").split():
+        lw = w.lower()
+        if lw in ("[laugh]", "[laughter]"):
+            out.append(NOISE_WORDS["[laughter]"][0])
+        elif re.fullmatch(r"\[[^\]]*\]", lw):
+            out.append(NOISE_WORDS["[noise]"][0])
+        elif lw.startswith("-") or lw.endswith("-") or "[" in lw or "]" in lw:
+            out.append(UNK_WORD)
+        else:
+            out.append(w.upper())
+    return " ".join(out)
+
+
+def fisher_transcripts(fisher_dir: PathLike) -> List[Path]:
+    """The ``fe_03_*.txt`` files of a Fisher transcript release (sorted); error naming the dir."""
+    fisher_dir = Path(fisher_dir)
+    if not fisher_dir.is_dir():
+        raise FileNotFoundError(f"Fisher: {fisher_dir} does not exist. {_HINT_FISHER}")
+    files = sorted(p for p in fisher_dir.rglob("*.txt") if p.parent.parent.name == "trans")
+    if not files:
+        raise FileNotFoundError(
+            f"Fisher: no transcripts data/trans/NNN/*.txt under {fisher_dir}. {_HINT_FISHER}"
+        )
+    return files
+
+
+def write_fisher_text(fisher_dirs: List[PathLike], out_path: PathLike) -> int:
+    """Normalised Fisher transcript lines (``start end side: words``) -> plain text; returns lines."""
+    lines = []
+    for d in fisher_dirs:
+        for f in fisher_transcripts(d):
+            for raw in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                raw = raw.strip()
+                if not raw or raw.startswith("#"):
+                    continue
+                m = re.match(r"^[\d.]+\s+[\d.]+\s+[AB]\d*:\s*(.*)$", raw)
+                if m is None:
+                    raise ValueError(
+                        f"{f}: expected 'START END A|B: words', got {raw[:80]!r} (is this a "
+                        "Fisher fe_03 transcript?)"
+                    )
+                text = normalize_fisher_text(m.group(1))
+                if text:
+                    lines.append(text + "\n")
+    atomic_write_text(out_path, "".join(lines))
+    return len(lines)
 
 
 def convert_ms98_dictionary(dict_path: PathLike) -> Lexicon:
@@ -278,10 +346,8 @@ def _load_swbd(audio_dir: Path, ms98: Path):
     return m["recordings"], sups
 
 
-def _load_eval2000(eval2000_dir: Path):
-    from lhotse.recipes import prepare_eval2000
-    from lhotse.utils import fastcopy
-
+def _check_eval2000(eval2000_dir: Path) -> None:
+    """LDC2002S09 audio, LDC2002T43 transcripts, stm and glm; error naming what is missing."""
     audio = eval2000_dir / "LDC2002S09" / "hub5e_00" / "english"
     trans = eval2000_dir / "LDC2002T43" / "reference" / "english"
     for d, what in ((audio, "audio"), (trans, "transcripts")):
@@ -293,6 +359,19 @@ def _load_eval2000(eval2000_dir: Path):
         raise FileNotFoundError(
             f"eval2000: no *.sph in {audio} or no *.txt in {trans}. {_HINT_EVAL}"
         )
+    for name in (EVAL2000_STM, EVAL2000_GLM):
+        if not (trans.parent / name).is_file():
+            raise FileNotFoundError(
+                f"eval2000: the scoring file {trans.parent / name} does not exist (NIST scoring "
+                f"needs the stm and glm of LDC2002T43). {_HINT_EVAL}"
+            )
+
+
+def _load_eval2000(eval2000_dir: Path):
+    from lhotse.recipes import prepare_eval2000
+    from lhotse.utils import fastcopy
+
+    _check_eval2000(eval2000_dir)
     with tempfile.TemporaryDirectory() as tmp, _sph_reader():
         # prepare_eval2000 always writes its own (unnormalised) manifests; keep them out of ours
         m = prepare_eval2000(eval2000_dir, tmp, absolute_paths=True)
@@ -351,6 +430,7 @@ def prepare_swbd(
     *,
     eval2000_dir: Optional[PathLike] = None,
     lexicon: Optional[PathLike] = None,
+    fisher_dirs: Sequence[PathLike] = (),
     num_dev_utts: int = 4000,
     seed: int = 0,
     dev_split: str = "first",
@@ -365,6 +445,8 @@ def prepare_swbd(
         ``swbd_lexicon.txt`` and the marker ``.swbd.done`` go.
       eval2000_dir: root holding ``LDC2002S09/`` and ``LDC2002T43/``; None = no eval2000 split.
       lexicon: the MS-98 dictionary; None = ``swb_ms98_transcriptions/sw-ms98-dict.text``.
+      fisher_dirs: Fisher transcript releases (LDC2004T19, LDC2005T19) for
+        ``swbd_fisher_text.txt``; empty = none.
       num_dev_utts: utterances held out as ``dev`` (0 = no dev split).
       seed: seed of ``dev_split="conversations"``.
       dev_split: ``"first"`` (Kaldi's train_dev) or ``"conversations"``.
@@ -383,8 +465,12 @@ def prepare_swbd(
     output_dir = Path(output_dir)
     ms98 = _check_inputs(audio_dir, transcripts_dir)
     dict_path = Path(lexicon) if lexicon is not None else ms98 / "sw-ms98-dict.text"
-    if eval2000_dir is not None and not Path(eval2000_dir).is_dir():
-        raise FileNotFoundError(f"eval2000 directory {eval2000_dir} does not exist. {_HINT_EVAL}")
+    if eval2000_dir is not None:
+        if not Path(eval2000_dir).is_dir():
+            raise FileNotFoundError(
+                f"eval2000 directory {eval2000_dir} does not exist. {_HINT_EVAL}"
+            )
+        _check_eval2000(Path(eval2000_dir))
     if max_dup_utts is not None and max_dup_utts < 1:
         raise ValueError(f"max_dup_utts must be >= 1 or None, got {max_dup_utts}")
     config = {
@@ -392,6 +478,7 @@ def prepare_swbd(
         "transcripts_dir": str(ms98.resolve()),
         "eval2000_dir": None if eval2000_dir is None else str(Path(eval2000_dir).resolve()),
         "lexicon": str(dict_path.resolve()),
+        "fisher_dirs": [str(Path(d).resolve()) for d in fisher_dirs],
         "num_dev_utts": num_dev_utts,
         "seed": seed,
         "dev_split": dev_split,
@@ -403,6 +490,7 @@ def prepare_swbd(
         splits = marker["splits"]
         paths = [recordings_path(output_dir, PREFIX, s) for s in splits]
         paths += [supervisions_path(output_dir, PREFIX, s) for s in splits]
+        paths += [output_dir / n for n in marker.get("extra_files", [])]
         if all(p.is_file() for p in paths) and lexicon_path(output_dir, PREFIX).is_file():
             log.info("Switchboard manifests in %s are up to date (%s); skipping", output_dir, done)
             return {
@@ -414,6 +502,7 @@ def prepare_swbd(
             }
 
     lex = convert_ms98_dictionary(dict_path)  # fail early, before reading the audio headers
+    fisher_files = [fisher_transcripts(d) for d in fisher_dirs]  # (checks the directories)
     recordings, sups = _load_swbd(audio_dir, ms98)
     train, dev = split_dev(sups, num_dev_utts, dev_split, seed)
     if max_dup_utts is not None:
@@ -459,6 +548,17 @@ def prepare_swbd(
                 if p.is_file():
                     log.info("removing %s (no %s split in this configuration)", p, stale)
                     p.unlink()
+    extra = []
+    if eval2000_dir is not None:
+        ref_dir = Path(eval2000_dir) / "LDC2002T43" / "reference"
+        for name, ours in ((EVAL2000_STM, "swbd_eval2000.stm"), (EVAL2000_GLM, "swbd_eval2000.glm")):
+            atomic_write_bytes(output_dir / ours, (ref_dir / name).read_bytes())
+            extra.append(ours)
+    if fisher_dirs:
+        n = write_fisher_text(list(fisher_dirs), output_dir / "swbd_fisher_text.txt")
+        log.info("Fisher LM text: %d lines from %d transcript files -> %s", n,
+                 sum(len(f) for f in fisher_files), output_dir / "swbd_fisher_text.txt")
+        extra.append("swbd_fisher_text.txt")
     write_lexicon(lexicon_path(output_dir, PREFIX), lex)
-    write_done(done, {"config": config, "splits": list(parts)})
+    write_done(done, {"config": config, "splits": list(parts), "extra_files": extra})
     return manifests
