@@ -291,6 +291,102 @@ def score_stm(
     return results
 
 
+def segments_from_cuts(cuts_path: PathLike) -> Dict[str, Tuple[str, str, float, float]]:
+    """``cut id -> (recording, "A"|"B", start, duration)`` of the supervisions of a CutSet file.
+
+    The channel letter is the stm's: channel 0 = ``A``, 1 = ``B`` (LDC's two-channel SPHERE).
+    Decoding hypotheses are keyed by cut id (one cut per supervision).
+    """
+    import lhotse
+
+    out = {}
+    for cut in lhotse.load_manifest(cuts_path):
+        if not cut.supervisions:
+            raise ValueError(f"{cuts_path}: cut {cut.id} has no supervision")
+        sup = cut.supervisions[0]  # its start is relative to the cut
+        ch = sup.channel[0] if isinstance(sup.channel, list) else sup.channel
+        out[cut.id] = (sup.recording_id, "AB"[int(ch or 0)], round(cut.start + sup.start, 3),
+                       float(sup.duration))
+    return out
+
+
+def score_stm_files(
+    hyp_path: PathLike,
+    cuts_path: PathLike,
+    stm: PathLike,
+    glm: PathLike,
+    out_dir: PathLike,
+    name: str,
+    baseline: Optional[str] = None,
+) -> Dict[str, object]:
+    """:func:`score_stm` of a Kaldi hyp file, optionally tested against an earlier system.
+
+    Args:
+      hyp_path: Kaldi text (``cut_id words...``) of the split's cuts.
+      cuts_path: the split's CutSet (segments of the hypotheses).
+      baseline: the ``name`` of a system scored before into the same ``out_dir``; each subset
+        is then tested with :func:`sc_stats_mapsswe` (A = baseline, B = this system).
+
+    Returns (and writes to ``out_dir/sclite-NAME.json``):
+      ``{"name", "subsets": {subset: SclitePart dict}, "mapsswe": {subset: ScStatsMapsswe dict}}``.
+    """
+    from k2quant.scoring import read_text
+    from k2quant.utils.io import atomic_write_json
+
+    out_dir = Path(out_dir)
+    hyps = read_text(hyp_path)
+    segments = segments_from_cuts(cuts_path)
+    res = score_stm(hyps, segments, stm, glm, out_dir, name)
+    summary: Dict[str, object] = {
+        "name": name, "hyp": str(hyp_path),
+        "subsets": {k: part.to_dict() for k, (part, _) in res.items()}, "mapsswe": {},
+    }
+    if baseline is not None:
+        for subset, (_, sgml) in res.items():
+            base = out_dir / f"{baseline}.{subset}.ctm.filt.sgml"
+            if not base.is_file():
+                raise FileNotFoundError(
+                    f"no {base}: score the baseline system {baseline!r} into {out_dir} first"
+                )
+            st = sc_stats_mapsswe(base, sgml, out_dir, f"{baseline}-vs-{name}.{subset}")
+            summary["mapsswe"][subset] = st.to_dict()
+    atomic_write_json(out_dir / f"sclite-{name}.json", summary)
+    return summary
+
+
+def sclite_table(out_dir: PathLike, names: Sequence[str], baseline: Optional[str] = None,
+                 title: str = "") -> str:
+    """Markdown table of the ``sclite-NAME.json`` files in ``out_dir`` (WER per subset, words,
+    and the MAPSSWE p-value against ``baseline`` where :func:`score_stm_files` computed it)."""
+    import json
+
+    rows, subsets = [], []
+    for name in names:
+        path = Path(out_dir) / f"sclite-{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no {path}: score {name!r} with 'k2quant score-sclite' first")
+        d = json.loads(path.read_text(encoding="utf-8"))
+        rows.append(d)
+        subsets += [s for s in d["subsets"] if s not in subsets]
+    head = ["system"] + [f"{s} WER (words)" for s in subsets]
+    if baseline:
+        head += [f"{s} p vs {baseline}" for s in subsets]
+    lines = ([f"## {title}", ""] if title else []) + [
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in rows:
+        cells = [d["name"]]
+        for s in subsets:
+            p = d["subsets"].get(s)
+            cells.append("-" if p is None else f"{p['wer_percent']:.2f} ({p['ref_words']})")
+        if baseline:
+            for s in subsets:
+                m = d.get("mapsswe", {}).get(s)
+                cells.append("-" if m is None else f"{m['p_two_sided']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "WER by NIST sclite (hubscr.pl, stm + glm); p: two-sided MAPSSWE of sc_stats."]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- sc_stats
 
 
@@ -370,5 +466,8 @@ __all__ = [
     "filter_hyp_words",
     "write_ctm",
     "score_stm",
+    "score_stm_files",
+    "sclite_table",
+    "segments_from_cuts",
     "sc_stats_mapsswe",
 ]

@@ -102,6 +102,8 @@ if run_stage 11 "$eval_split lattices of the fp32 AM and of $system_am; n-best r
       "rescoring the fp32 AM's lattices only"
   fi
   for am in "${am_lats[@]}"; do
+    # a recipe may rescore the lattices first (swbd: the 4-gram); it prints the new directory
+    declare -F lattice_hook >/dev/null && am="${am%%:*}:$(lattice_hook "${am%%:*}" "${am#*:}")"
     for lm_name in fp32 "$lmc_name"; do
       lm_file=$lmc_dir/lm.k2q
       [ "$lm_name" = fp32 ] && lm_file=$lm_dir/epoch-$lm_epochs.pt
