@@ -9,20 +9,56 @@
 # Re-running it is quick: it does nothing when setup.cfg and tools/constraints.txt have not
 # changed since the last successful install.
 #
-# Usage: tools/install.sh [--venv DIR]
+# --with-sctk also installs NIST SCTK (sclite, sc_stats, hubscr.pl: eval2000 scoring and
+# MAPSSWE) and sox from the Debian/Ubuntu packages 'sctk' and 'sox' when they are missing; that
+# needs root (apt-get). Without root it says what to run. --sctk-only does only that.
+#
+# Usage: tools/install.sh [--venv DIR] [--with-sctk | --sctk-only]
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$top/.venv"
+with_sctk=false
+sctk_only=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) venv="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "tools/install.sh: unknown option '$1' (expected --venv DIR)" >&2; exit 2 ;;
+    --with-sctk) with_sctk=true; shift ;;
+    --sctk-only) with_sctk=true; sctk_only=true; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "tools/install.sh: unknown option '$1' (expected --venv DIR, --with-sctk, --sctk-only)" >&2; exit 2 ;;
   esac
 done
 
 log() { echo "[install] $*"; }
+
+have_sctk() {
+  for t in sclite sc_stats hubscr.pl; do
+    command -v "$t" >/dev/null 2>&1 || [ -x "/usr/lib/sctk/bin/$t" ] || \
+      { [ -n "${SCTK_BIN:-}" ] && [ -x "$SCTK_BIN/$t" ]; } || return 1
+  done
+}
+if [ "$with_sctk" = true ]; then
+  if have_sctk && command -v sox >/dev/null 2>&1; then
+    log "SCTK and sox: already installed"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing the Debian packages sctk and sox (apt-get)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sctk sox >/dev/null
+    have_sctk || { echo "[install] error: 'apt-get install sctk' did not provide sclite, sc_stats and hubscr.pl" >&2; exit 1; }
+    log "SCTK: $(ls /usr/lib/sctk/bin/sclite 2>/dev/null || command -v sclite)"
+  else
+    cat >&2 <<MSG
+[install] error: NIST SCTK (sclite, sc_stats, hubscr.pl) or sox is missing and this is not a
+  root shell with apt-get. Install them yourself, e.g.
+    sudo apt-get install sctk sox          (Debian/Ubuntu; tools land in /usr/lib/sctk/bin)
+  or build SCTK from NIST's sources (usnistgov/SCTK: make config all install) and
+  set SCTK_BIN to its bin directory.
+MSG
+    exit 1
+  fi
+  [ "$sctk_only" = true ] && exit 0
+fi
 
 stamp="$venv/.k2quant-install-stamp"
 want=$(cat "$top/setup.cfg" "$top/tools/constraints.txt" | sha256sum | cut -d' ' -f1)
