@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from fake_ldc import STM_HEADER
 from k2quant.scoring import align_words, align_words_nist, compute_wer
 from k2quant.significance import (
     compare_systems,
@@ -154,24 +155,7 @@ def test_filter_and_ctm(tmp_path):
     assert subset_lines(lines, ("en_",)) == [";; x\n", "en_2 A ...\n"]
 
 
-STM_HEADER = """;; CATEGORY "0" "" ""
-;; LABEL "O" "Overall" "Overall"
-;;
-;; CATEGORY "1" "Hub5 00" ""
-;; LABEL "en" "CallHome" "CallHome (LDC)"
-;; LABEL "sw" "Switchboard" "Switchboard (LDC)"
-;;
-;; CATEGORY "2" "Sex" ""
-;; LABEL "F" "Female" "Female Caller"
-;; LABEL "M" "Male" "Male Caller"
-;;
-;; CATEGORY "3" "Corpus/Sex" ""
-;; LABEL "en-F" "CH Female" "CallHome Female Caller"
-;; LABEL "en-M" "CH Male" "CallHome Male Caller"
-;; LABEL "sw-F" "SW Female" "Switchboard Female Caller"
-;; LABEL "sw-M" "SW Male" "Switchboard Male Caller"
-"""
-GLM = """;; global mapping file in the format of LDC2002T43's en20000405_hub5.glm
+GLM = """;; rules in the format of LDC2002T43's en20000405_hub5.glm
 * name "en20000405_hub5.glm"
 * desc "test"
 * format = 'NIST1'
@@ -198,7 +182,7 @@ sw_4390 A sw_4390_A 0.50 2.00 <O,sw,F,sw-F> yeah right i know
 sw_4390 B sw_4390_B 2.10 3.00 <O,sw,M,sw-M> uh-huh
 """)
     glm = tmp_path / "en20000405_hub5.glm"
-    glm.write_text(GLM)
+    glm.write_text(GLM)  # the hesitation, contraction and spelling rules the test relies on
     hyps = {  # glm alternatives (WE ARE, O.K.), hesitation and noise removed, optional TH-
         "en_4156-A-0001": "WE ARE UM STARTING [NOISE] O.K.".split(),
         "en_4156-B-0001": "WHAT DO YOU".split(),  # 1 deletion
