@@ -12,7 +12,8 @@
 # 3 word trigram from the training transcripts + HLG, 4 LF-MMI training of TDNN-F (small
 # preset, phone-LM denominator, leaky HMM), 5 decoding (HLG 1-best), 6 scoring,
 # 7 compression runs of the acoustic model (k2quant compress; --compress-runs), 8 their report
-# table (exp/compress/report.md + .json), 9 Transformer word LM on the training transcripts
+# table (exp/compress/report.md + .json; and each run's MAPSSWE by k2quant and by NIST sc_stats
+# on the same hypotheses, exp/compress/significance/), 9 Transformer word LM on the training transcripts
 # (or --lm-text), 10 its ~2-bit compression (k2quant compress-lm), 11 dev lattices of the fp32
 # AM and of the compressed AM (--system-am, decoded from its .k2q) and n-best rescoring of both
 # with the fp32 and the compressed LM, 12 the AM+LM system table (exp/rescore/systems.md).
@@ -203,4 +204,20 @@ corpus=an4
 eval_split=dev
 corpus_title="AN4 dev"
 . "$top/local/compression_stages.sh"
+
+# Significance of every compression run against fp32 on the same hypotheses: k2quant's MAPSSWE
+# (NIST segments, as sc_stats; utterance segments) and bootstrap, and NIST sclite + sc_stats
+# when SCTK is installed (tools/install.sh --with-sctk); exp/compress/significance/NAME.
+if run_stage 8 "MAPSSWE (k2quant and sc_stats) and bootstrap of each run vs fp32"; then
+  sclite_flag=--no-sclite
+  { command -v sclite >/dev/null || [ -x /usr/lib/sctk/bin/sclite ]; } && sclite_flag=--sclite
+  for name in $compress_runs; do
+    hyp=$cdir/$name/decode/hyps-compressed.txt
+    [ -f "$hyp" ] && [ -f "$cdir/fp32/hyps-fp32.txt" ] || continue
+    mkdir -p "$cdir/significance"
+    "$k2quant" compare-systems --ref "$cdir/fp32/ref-fp32.txt" --hyp-a "$cdir/fp32/hyps-fp32.txt" \
+      --hyp-b "$hyp" "$sclite_flag" --out-dir "$cdir/significance/$name" \
+      | tee "$cdir/significance/$name.txt"
+  done
+fi
 log "done in $(elapsed) s"
