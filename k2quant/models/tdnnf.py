@@ -692,6 +692,12 @@ def refactor_bottleneck(model: TdnnF, layer: Union[str, int], new_dim: int) -> D
     return {"layer": name, "old_dim": B, "new_dim": new_dim, "retained_energy": retained}
 
 
+def spec_num_parameters(config: Dict[str, Any]) -> int:
+    """Parameter-count registry entry (``k2quant.models.spec_num_parameters``): the parameters
+    of ``build_tdnnf(config)``, from the validated config alone."""
+    return count_parameters(TdnnFConfig.from_dict(config))
+
+
 def build_tdnnf(config: Union[Dict[str, Any], TdnnFConfig]) -> TdnnF:
     """Registry builder (``k2quant.models.build_model({"arch": "tdnnf", "config": ...})``)."""
     if isinstance(config, TdnnFConfig):
