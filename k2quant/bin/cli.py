@@ -59,7 +59,7 @@ class _LazyGroup(click.Group):
         except Exception as e:  # noqa: BLE001 - every error ends here, as one line
             command = "k2quant" + (f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "")
             show = bool(ctx.params.get("debug")) or int(ctx.params.get("verbose") or 0) >= 2
-            if show and not isinstance(e, click.ClickException):
+            if show and not isinstance(e, click.UsageError):
                 traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
             line, code = error_line(e, command)
             click.echo(line, err=True)
@@ -81,11 +81,12 @@ def error_line(e: BaseException, command: str = "k2quant") -> Tuple[str, int]:
     """
     from k2quant.utils.rundir import DirLockedError
 
+    decode_error = _in_chain(e, UnicodeDecodeError)
+    if decode_error is not None:  # also when re-raised as another error with its bare text
+        return f"{command}: error: {_unicode_message(decode_error)}", 2
     if isinstance(e, click.UsageError):
         hint = f" (see '{command} --help')"
         return f"{command}: error: {_one_line(e.format_message())}{hint}", 2
-    if isinstance(e, UnicodeDecodeError):
-        return f"{command}: error: {_unicode_message(e)}", 2
     if isinstance(e, click.ClickException):
         return f"{command}: error: {_one_line(e.format_message())}", 2
     if isinstance(e, USER_ERRORS + (DirLockedError,)):
@@ -93,6 +94,20 @@ def error_line(e: BaseException, command: str = "k2quant") -> Tuple[str, int]:
     msg = _one_line(str(e))
     return (f"{command}: internal error: {type(e).__name__}"
             f"{': ' + msg if msg else ''} (run with --debug for the traceback)", 1)
+
+
+def _in_chain(e: BaseException, kind: type) -> Optional[BaseException]:
+    """``e`` or the first exception of type ``kind`` it was raised from (or while handling)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        if e.__cause__ is not None:
+            e = e.__cause__
+        else:  # ``raise ... from None`` hides the context on purpose
+            e = None if e.__suppress_context__ else e.__context__
+    return None
 
 
 def _one_line(text: str) -> str:

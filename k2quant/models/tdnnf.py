@@ -249,6 +249,11 @@ def get_preset(name: str, feat_dim: int, num_classes: int, **overrides) -> TdnnF
     """
     if name not in PRESETS:
         raise ValueError(f"unknown TDNN-F preset {name!r}; known presets: {sorted(PRESETS)}")
+    known = {f.name for f in fields(TdnnFConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown TDNN-F config field(s) {unknown}; valid fields are "
+                         f"{sorted(known)}")
     return PRESETS[name](feat_dim=feat_dim, num_classes=num_classes, **overrides)
 
 

@@ -114,6 +114,9 @@ FLOAT_BITS = 32
 METRICS = ("hawq", "kl", "loss", "mse")
 TABLE_FORMAT = "k2quant-sensitivity"
 TABLE_VERSION = 1
+#: How ``hvp="fd"`` differentiates (part of the cache key: tables computed with central
+#: differences of weight gradients, wrong on ReLU networks, are recomputed).
+FD_METHOD = "output-differences"
 
 
 # =============================================================================================
@@ -1188,7 +1191,7 @@ def compute_sensitivity(
       n_samples: Hutchinson probes per batch and layer.
       probes: ``"layer"`` (probes restricted to each layer) or ``"joint"`` (one probe over all
         layers, ``len(layers)`` times cheaper with FD, noisier); see :func:`layer_traces`.
-      fd_eps: relative finite-difference step.
+      fd_eps: relative step of the output-space differences of ``hvp="fd"`` (:func:`_fd_hvp`).
       hvp_tol: relative-error tolerance of the autograd-vs-FD check (``hvp="auto"``).
       hvp_check_layers: number of layers checked (first, last and evenly spaced ones).
       measure_dim_bits: measure ``kl``/``loss`` of every ``(layer, bits, dim)`` (else scaled).
@@ -1229,6 +1232,7 @@ def compute_sensitivity(
         quantizer=_describe_quantizer(quantizer), metrics=metrics, hvp=hvp,
         n_samples=n_samples, probes=probes, fd_eps=fd_eps, hvp_tol=hvp_tol, seed=seed,
         measure_dim_bits=measure_dim_bits, num_batches=len(batches),
+        fd_method=FD_METHOD,
     )
     settings_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
