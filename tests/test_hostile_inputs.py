@@ -716,25 +716,14 @@ def wrong_rescore_readme_icefall_lattices(w, tmp):
 
 
 def wrong_hvp_fd_on_tdnnf(w, tmp):
+    # hvp="auto" used to fall back to weight-gradient differences that were 10-1000x off
     from k2quant.search.sensitivity import check_hvp
 
-    torch.manual_seed(0)
-    from k2quant.models.tdnnf import TdnnF, TdnnFConfig
+    from helpers import tdnnf_hvp_case
 
-    m = TdnnF(TdnnFConfig(feat_dim=20, num_classes=30, hidden_dim=64, bottleneck_dims=16,
-                          strides=[1, 1, 0, 3], prefinal_bottleneck=24,
-                          dropout_schedule=None)).eval()
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 60, 20, generator=g)
-    with torch.no_grad():
-        y = torch.randint(0, 30, (2 * m(x).shape[1],), generator=g)
-
-    def loss(mod, b):
-        lp = mod(b[0])
-        return torch.nn.functional.cross_entropy(0.7 * lp.reshape(-1, 30), b[1])
-
+    model, loss, batch = tdnnf_hvp_case()
     for layer in ("tdnn1.affine", "tdnnfs.1.linear", "tdnnfs.3.affine"):
-        c = check_hvp(m, loss, (x, y), layer)
+        c = check_hvp(model, loss, batch, layer)
         assert c.ok and c.rel_err < 1e-3, c
 
 
@@ -952,6 +941,8 @@ def tb_internal_errors_are_one_line_too(w, tmp, monkeypatch):
     res = run("--debug", "size", w.packed)
     assert "Traceback" in res.output and "something broke" in res.output
     res = run("-vv", "size", w.packed)
+    assert "Traceback" in res.output
+    res = run("size", w.packed, env={"K2QUANT_DEBUG": "1"})
     assert "Traceback" in res.output
 
 

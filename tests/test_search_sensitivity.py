@@ -22,6 +22,8 @@ from k2quant.search.sensitivity import (
 )
 from k2quant.plan import LayerConfig
 
+from helpers import tdnnf_hvp_case
+
 
 # ----------------------------------------------------------------------------- fixtures
 class Quadratic(nn.Module):
@@ -209,22 +211,9 @@ def test_fd_hvp_matches_autograd_on_tdnnf_layers_in_float32():
     # central differences of weight gradients cross ReLU kinks on this model (measured:
     # 10-40x off, of either sign, at fd_eps 1e-3); output-space differences agree with double
     # backprop to float32 precision on every layer
-    torch.manual_seed(0)
-    model = TdnnF(TdnnFConfig(feat_dim=20, num_classes=30, hidden_dim=64, bottleneck_dims=16,
-                              strides=[1, 1, 0, 3], prefinal_bottleneck=24,
-                              dropout_schedule=None)).eval()
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 60, 20, generator=g)
-    with torch.no_grad():
-        y = torch.randint(0, 30, (2 * model(x).shape[1],), generator=g)
-
-    def smooth_loss(m, b):  # curvature in the output too (not only in the log-softmax)
-        lp = m(b[0])
-        return (nn.functional.cross_entropy(0.7 * lp.reshape(-1, lp.shape[-1]), b[1])
-                + 0.01 * lp.pow(2).mean())
-
+    model, smooth_loss, batch = tdnnf_hvp_case()
     for layer in ("tdnn1.affine", "tdnnfs.0.linear", "tdnnfs.3.affine", "output"):
-        c = check_hvp(model, smooth_loss, (x, y), layer, n_vectors=2)
+        c = check_hvp(model, smooth_loss, batch, layer, n_vectors=2)
         assert c.ok and c.rel_err < 1e-3, (layer, c)
         assert c.vhv_fd == pytest.approx(c.vhv_autograd, rel=1e-3)
 

@@ -11,7 +11,8 @@ Errors: a command that fails on bad input (``ValueError`` and its subclasses suc
 a click usage error, an ``ImportError`` of an optional dependency, a locked output directory)
 prints one line ``k2quant <command>: error: <message>`` on stderr and exits with status 2; any
 other exception (a bug) prints ``k2quant <command>: internal error: <type>: <message> (run with
---debug for the traceback)`` and exits with status 1. ``--debug`` or ``-vv`` also prints the
+--debug for the traceback)`` and exits with status 1. ``--debug`` (``k2quant --debug <command>``,
+or ``K2QUANT_DEBUG=1`` in the environment, e.g. for a recipe) or ``-vv`` also prints the
 traceback. See :func:`error_line`.
 """
 import importlib
@@ -133,27 +134,29 @@ _NEWLINE = b"\n"
 
 def _unicode_message(e: UnicodeDecodeError) -> str:
     path = _decoding_file(e)
+    enc = "UTF-8" if e.encoding.replace("_", "-").lower() in ("utf-8", "utf8") else e.encoding
     bad = e.object[e.start:e.start + 1] if isinstance(e.object, (bytes, bytearray)) else b""
     byte = f"byte 0x{bad[0]:02x}" if bad else "a byte"
     if path is None:
-        return f"a text file is not {e.encoding} ({byte}: {e.reason})"
+        return f"a text file is not {enc} ({byte}: {e.reason})"
     where = ""
     try:
-        if Path(path).stat().st_size <= (256 << 20):
+        if Path(path).stat().st_size <= (256 << 20):  # find the line of the first bad byte
             data = Path(path).read_bytes()
             try:
-                data.decode("utf-8")
+                data.decode(e.encoding)
             except UnicodeDecodeError as full:
                 where = f" at line {data.count(_NEWLINE, 0, full.start) + 1}"
                 byte = f"byte 0x{data[full.start]:02x}"
-    except OSError:
+    except (OSError, LookupError):
         pass
-    return (f"{path}: not UTF-8 text ({byte}{where}); k2quant reads text files as UTF-8: "
+    return (f"{path}: not {enc} text ({byte}{where}); k2quant reads text files as UTF-8: "
             f"convert it, e.g. iconv -f latin1 -t utf-8")
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Print the Python traceback of an error.")
+@click.option("--debug", is_flag=True, envvar="K2QUANT_DEBUG",
+              help="Print the Python traceback of an error (also: K2QUANT_DEBUG=1).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info is default, -vv debug).")
 @click.version_option(package_name="k2quant")
 def cli(verbose: int, debug: bool = False):
