@@ -77,7 +77,10 @@ LSTM_LOCATIONS = (
 )
 _RESERVED_OPTIONS = ("kind", "bits", "granularity", "ch_axis", "signed", "name")
 _LOCATION_KEYS = ("kind", "bits", "granularity", "signed", "options")
+PLAN_FORMAT = "k2quant-plan"
 PLAN_FORMAT_VERSION = 1
+#: The keys of a plan's JSON object.
+PLAN_KEYS = ("format", "version", "layers", "default")
 
 
 def _check_bits(field_name: str, value: Any, allow_none: bool) -> None:
@@ -369,7 +372,10 @@ def _as_config(value: ConfigLike, where: str) -> Optional[LayerConfig]:
     if value is None or isinstance(value, LayerConfig):
         return value
     if isinstance(value, Mapping):
-        return LayerConfig.from_dict(value)
+        try:
+            return LayerConfig.from_dict(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
     raise ValueError(
         f"{where} must be a LayerConfig, a dict (LayerConfig.to_dict) or None; "
         f"received {type(value).__name__}: {value!r}"
@@ -442,8 +448,10 @@ class Plan:
         self.check(names)
         return {n: self.config_for(n) for n in names}
 
-    def check(self, names: List[str]) -> None:
-        """Raise ``ValueError`` if a key names none of the quantizable layer ``names``."""
+    def check(self, names: List[str], require_quantized: bool = False) -> None:
+        """Raise ``ValueError`` if a key names none of the quantizable layer ``names`` or, with
+        ``require_quantized``, if the plan keeps every one of them float (a plan that quantizes
+        nothing where a quantized model is expected)."""
         name_set = set(names)
         for key in self.layers:
             if key.startswith("re:"):
@@ -458,11 +466,17 @@ class Plan:
                     f"(exact names must equal a module name; 're:' patterns must "
                     f"re.fullmatch one); quantizable layers are: [{shown}]"
                 )
+        if require_quantized and names and all(self.config_for(n) is None for n in names):
+            raise ValueError(
+                f"the plan quantizes none of the model's {len(names)} quantizable layers "
+                f"(every key is null and 'default' is null or missing); give 'default' a "
+                f"LayerConfig (e.g. {{\"weight_bits\": 4}}) or quantize some layers"
+            )
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "format": "k2quant-plan",
+            "format": PLAN_FORMAT,
             "version": PLAN_FORMAT_VERSION,
             "layers": {k: (None if v is None else v.to_dict()) for k, v in self.layers.items()},
             "default": None if self.default is None else self.default.to_dict(),
@@ -470,17 +484,34 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+        """Inverse of :meth:`to_dict`, strict: the keys are ``layers`` (required), ``default``
+        (null or missing: unnamed layers stay float), ``format`` (``"k2quant-plan"`` if given)
+        and ``version`` (:data:`PLAN_FORMAT_VERSION` if given); any other key, and any unknown
+        LayerConfig key, raises ``ValueError`` naming it (a misspelt ``default`` must not
+        silently leave the model float)."""
         if not isinstance(d, Mapping) or "layers" not in d:
             raise ValueError(
                 "Plan.from_dict expects a dict with keys 'layers' and 'default' "
                 f"(as written by Plan.to_dict); received {d!r:.200}"
             )
+        unknown = sorted(set(d) - set(PLAN_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown plan key(s) {unknown}; a plan has only the keys {list(PLAN_KEYS)}"
+            )
+        fmt = d.get("format", PLAN_FORMAT)
+        if fmt != PLAN_FORMAT:
+            raise ValueError(f"'format' is {fmt!r}, expected {PLAN_FORMAT!r} (this is not a "
+                             f"k2quant plan)")
         version = d.get("version", PLAN_FORMAT_VERSION)
-        if version != PLAN_FORMAT_VERSION:
+        if version != PLAN_FORMAT_VERSION or isinstance(version, bool):
             raise ValueError(
                 f"unsupported plan format version {version!r}; this k2quant reads version "
                 f"{PLAN_FORMAT_VERSION}. Upgrade k2quant or re-create the plan."
             )
+        if not isinstance(d["layers"], Mapping):
+            raise ValueError(f"'layers' must be an object {{layer name or 're:<regex>': "
+                             f"LayerConfig or null}}; received {type(d['layers']).__name__}")
         return cls(d["layers"], d.get("default"))
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -496,12 +527,28 @@ class Plan:
 
     @classmethod
     def load(cls, path: PathLike) -> "Plan":
-        with open(path, "r", encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not a JSON plan file ({e})") from None
-        return cls.from_dict(d)
+        """Read a plan JSON file (UTF-8). Every error is a one-line ``ValueError`` (or
+        ``FileNotFoundError``) that names the file."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"plan file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"plan file {path} is a directory") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                             f"{e.start}); plans are UTF-8 JSON") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON plan file ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):

@@ -265,10 +265,11 @@ def apply_dims(model: nn.Module, dims: Optional[Mapping[str, int]]) -> List[Dict
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
-    """Raise ``ValueError`` naming the plan's keys that match no quantizable layer."""
+    """Raise ``ValueError`` naming the plan's keys that match no quantizable layer, or if the
+    plan quantizes none of the model's layers (QAT needs a quantized model)."""
     names = list(quantizable_layers(model))
     try:
-        plan.check(names)
+        plan.check(names, require_quantized=True)
     except ValueError as e:
         raise ValueError(f"the plan names layers the model lacks: {e}") from None
 

@@ -4,7 +4,9 @@ spec/plan mismatches and atomic writes."""
 import copy
 import glob
 import os
+import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -383,3 +385,64 @@ def test_stored_plan_that_does_not_fit_the_model(saved):
 
     with pytest.raises(PackedFormatError, match=r"toy.k2q: cannot apply the stored plan.*unknown layer pattern 'embed'"):
         load_packed(saved, model=Other())
+
+
+@pytest.mark.parametrize("spec", [
+    {"arch": "tdnnf", "config": {"feat_dim": 8, "num_classes": 7, "hidden_dim": 24,
+                                 "bottleneck_dims": [12, 10, 12], "strides": [1, 0, 3],
+                                 "prefinal_bottleneck": 12, "xent": True}},
+    {"arch": "transformer_lm", "config": {"vocab_size": 37, "d_model": 16, "num_heads": 2,
+                                          "num_layers": 3, "dim_feedforward": 24}},
+])
+def test_spec_num_parameters_equals_the_built_model(spec):
+    from k2quant.models import build_model, spec_num_parameters
+
+    model = build_model(spec)
+    assert spec_num_parameters(spec) == sum(p.numel() for p in model.parameters())
+
+
+def test_spec_checks_run_before_building(tmp_path, monkeypatch):
+    from k2quant.models import spec_num_parameters
+    from k2quant.models.tdnnf import TdnnF, TdnnFConfig
+
+    assert spec_num_parameters({"arch": ARCH, "config": {}}) is None  # no counter registered
+    with pytest.raises(ValueError, match="unknown arch 'nope'"):
+        spec_num_parameters({"arch": "nope", "config": {}})
+    m = TdnnF(TdnnFConfig(feat_dim=4, num_classes=5, hidden_dim=8, bottleneck_dims=4,
+                          strides=[1], prefinal_bottleneck=4, dropout_schedule=None)).eval()
+    path = tmp_path / "m.k2q"
+    save_packed(m, path)
+    assert fmt.is_packed_file(tmp_path / "anything.K2Q") and not fmt.is_packed_file(tmp_path / "x.pt")
+    data = path.read_bytes()
+    _, version, hlen = fmt._PREFIX.unpack(data[:fmt._PREFIX.size])
+    header = json.loads(zlib.decompress(data[fmt._PREFIX.size:fmt._PREFIX.size + hlen]))
+    payload = data[fmt._PREFIX.size + hlen + 4:]
+
+    def write(h, name):
+        hb = zlib.compress(json.dumps(h).encode())
+        prefix = fmt._PREFIX.pack(MAGIC, version, len(hb))
+        crc = struct.pack("<I", zlib.crc32(hb, zlib.crc32(prefix)) & 0xFFFFFFFF)
+        (tmp_path / name).write_bytes(prefix + hb + crc + payload)
+        return tmp_path / name
+
+    h = json.loads(json.dumps(header))
+    h["spec"]["config"]["hidden_dim"] = 100000
+    monkeypatch.setattr("k2quant.models.build_model", lambda spec: pytest.fail("built"))
+    with pytest.raises(PackedFormatError, match=r"big\.k2q: the header's model spec \('tdnnf', "
+                                                r"[\d,]+ parameters\) does not match"):
+        load_packed(write(h, "big.k2q"))
+    h = json.loads(json.dumps(header))
+    h["spec"]["config"]["bypass_scale"] = 7.0
+    with pytest.raises(PackedFormatError, match=r"bad\.k2q: invalid model spec .*bypass_scale"):
+        read_header(write(h, "bad.k2q"))
+    h = json.loads(json.dumps(header))
+    h["t"][0]["d"] = "object"
+    with pytest.raises(PackedFormatError, match=r"dtype\.k2q: malformed header .*unknown tensor "
+                                                r"dtype 'object'"):
+        read_header(write(h, "dtype.k2q"))
+    h = json.loads(json.dumps(header))
+    e = next(e for e in h["t"] if e["k"] in "pr" and not e.get("f") and e["s"])
+    e["s"] = [e["s"][0] + 1] + e["s"][1:]
+    with pytest.raises(PackedFormatError, match=r"shape\.k2q: malformed header .*needs \d+ bytes, "
+                                                r"the table says"):
+        read_header(write(h, "shape.k2q"))

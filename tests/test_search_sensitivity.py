@@ -22,18 +22,24 @@ from k2quant.search.sensitivity import (
 )
 from k2quant.plan import LayerConfig
 
+from helpers import tdnnf_hvp_case
+
 
 # ----------------------------------------------------------------------------- fixtures
 class Quadratic(nn.Module):
-    """loss = 0.5 vec(W)^T A vec(W) for W = self.lin.weight: Hessian A exactly."""
+    """loss = 0.5 vec(W)^T A vec(W) for W = self.lin.weight: Hessian A exactly. The model's
+    output is vec(W) (hvp='fd' differentiates the loss at the model output)."""
 
     def __init__(self, A, shape):
         super().__init__()
         self.lin = nn.Linear(shape[1], shape[0], bias=False)
         self.register_buffer("A", A)
 
+    def forward(self):
+        return self.lin.weight.reshape(-1)
+
     def loss(self):
-        w = self.lin.weight.reshape(-1)
+        w = self()
         return 0.5 * w @ (self.A @ w)
 
 
@@ -95,8 +101,11 @@ class TwoBlockQuadratic(nn.Module):
         self.b = nn.Linear(2, 4, bias=False)
         self.register_buffer("A", A)
 
+    def forward(self):
+        return torch.cat([self.a.weight.reshape(-1), self.b.weight.reshape(-1)])
+
     def loss(self):
-        w = torch.cat([self.a.weight.reshape(-1), self.b.weight.reshape(-1)])
+        w = self()
         return 0.5 * w @ (self.A @ w)
 
 
@@ -168,6 +177,76 @@ def test_auto_picks_fd_when_autograd_second_derivative_is_wrong(caplog):
     table2 = compute_sensitivity(model, ce_loss, batches, bits=(2, 8), metrics=("hawq",),
                                  n_samples=2)
     assert table2.method["hvp"] == "autograd"
+
+
+def relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 5)).eval()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / max(a.norm(), b.norm()))
+
+
+@pytest.mark.parametrize("layer", ["0", "2", "4"])
+def test_fd_hvp_matches_exact_on_relu_network_with_incomplete_double_backward(layer):
+    # the exact HVP: autograd through torch's own logsumexp; the FD one sees only the
+    # first derivative of the loss (the k2 situation), on a ReLU network in float32
+    model = relu_mlp()
+    batch = data(1, n=64)[0]
+    w = model.get_submodule(layer).weight
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = [torch.randn(w.shape, generator=g)]
+        exact = hessian_vector_product(model, ce_loss, batch, [w], v, "autograd")[0]
+        fd = hessian_vector_product(model, lossy_second_order_loss, batch, [w], v, "fd")[0]
+        wrong = hessian_vector_product(model, lossy_second_order_loss, batch, [w], v,
+                                       "autograd")[0]
+        assert _rel(fd, exact) < 1e-3, (layer, _rel(fd, exact))
+        assert _rel(wrong, exact) > 0.5  # what autograd gives without a second derivative
+
+
+def test_fd_hvp_matches_autograd_on_tdnnf_layers_in_float32():
+    # central differences of weight gradients cross ReLU kinks on this model (measured:
+    # 10-40x off, of either sign, at fd_eps 1e-3); output-space differences agree with double
+    # backprop to float32 precision on every layer
+    model, smooth_loss, batch = tdnnf_hvp_case()
+    for layer in ("tdnn1.affine", "tdnnfs.0.linear", "tdnnfs.3.affine", "output"):
+        c = check_hvp(model, smooth_loss, batch, layer, n_vectors=2)
+        assert c.ok and c.rel_err < 1e-3, (layer, c)
+        assert c.vhv_fd == pytest.approx(c.vhv_autograd, rel=1e-3)
+
+
+@pytest.mark.parametrize("fd_eps", [1e-2, 1e-3, 1e-4])
+def test_fd_hvp_is_stable_across_steps(fd_eps):
+    model = relu_mlp(1)
+    batch = data(1, n=64)[0]
+    w = model[2].weight
+    v = [torch.randn(w.shape, generator=torch.Generator().manual_seed(0))]
+    exact = hessian_vector_product(model, ce_loss, batch, [w], v, "autograd")[0]
+    fd = hessian_vector_product(model, lossy_second_order_loss, batch, [w], v, "fd",
+                                fd_eps=fd_eps)[0]
+    assert _rel(fd, exact) < 5e-3
+
+
+def test_fd_hvp_preconditions_are_checked():
+    model = relu_mlp()
+    batch = data(1)[0]
+    w = model[0].weight
+    v = [torch.ones_like(w)]
+
+    def twice(m, b):
+        return ce_loss(m, b) + ce_loss(m, b)
+
+    with pytest.raises(ValueError, match="must call the model exactly once .*2 time"):
+        hessian_vector_product(model, twice, batch, [w], v, "fd")
+
+    def penalised(m, b):
+        return ce_loss(m, b) + 0.1 * m[0].weight.pow(2).sum()
+
+    with pytest.raises(ValueError, match="other than through the model's output"):
+        check_hvp(model, penalised, batch, "0")
 
 
 # ----------------------------------------------------------------------------- scores

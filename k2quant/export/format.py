@@ -38,6 +38,16 @@ Kinds:
 :func:`load_packed` rebuilds the model (from the stored spec, or into a model you pass),
 re-applies the plan, converts, and loads every tensor with strict checking; the result (eval
 mode) gives the same outputs, bit for bit, as the fake-quant model it was saved from.
+
+Reading never unpickles anything and checks before it allocates: :func:`read_header` limits
+the decompressed header (:data:`MAX_HEADER_JSON_BYTES`), validates every table entry (types,
+known dtype, back-to-back offsets inside the payload, byte counts that match shape, dtype and
+bits, :data:`MAX_ELEMENTS` in all, constant tensors no larger than the stored ones) and
+checks the model spec against the table (the parameter count the spec implies,
+:func:`k2quant.models.spec_num_parameters`, must fit in the table's elements), so a small file
+cannot make a reader allocate much more than its own size. A file whose name ends in ``.k2q``
+is always read as a packed file (:func:`is_packed_file`): a damaged one is an error, never a
+torch checkpoint.
 """
 import copy
 import json
@@ -65,6 +75,9 @@ __all__ = [
     "read_header",
     "read_tensors",
     "is_packed_file",
+    "verify_checksums",
+    "MAX_ELEMENTS",
+    "MAX_HEADER_JSON_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +89,16 @@ _CRC = struct.Struct("<I")
 _KINDS = ("p", "r", "m", "a")
 # Refuse absurd header lengths before allocating (a corrupt length field).
 _MAX_HEADER = 1 << 31
+#: Largest decompressed header JSON (a kaldi_7q model's header is a few KB).
+MAX_HEADER_JSON_BYTES = 64 << 20
+#: Most tensor elements one file may describe (all tensors together; 2^31 float32 = 8 GiB).
+MAX_ELEMENTS = 1 << 31
+#: Most table entries one file may have.
+_MAX_TENSORS = 1 << 20
+#: Elements that constant (one stored element) tensors may add beyond those stored in full.
+_CONSTANT_SLACK = 1 << 20
+#: The file-name suffix of packed files.
+SUFFIX = ".k2q"
 
 
 class PackedFormatError(ValueError):
@@ -408,7 +431,15 @@ class PackedHeader:
 
 
 def is_packed_file(path: PathLike) -> bool:
-    """True if ``path`` is a file that starts with the k2quant packed magic."""
+    """True if ``path`` is to be read as a packed file: its name ends in ``.k2q``, or it is a
+    file that starts with the k2quant packed magic.
+
+    Readers that accept both packed files and torch checkpoints branch on this; a ``.k2q``
+    whose magic is damaged thus gets :class:`PackedFormatError` ("bad magic") from
+    :func:`read_header` instead of being handed to ``torch.load``.
+    """
+    if str(path).lower().endswith(SUFFIX):
+        return True
     try:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
@@ -462,13 +493,22 @@ def read_header(path: PathLike) -> PackedHeader:
         version, hbytes, poff = _parse_prefix(path, f)
         size = os.fstat(f.fileno()).st_size
     try:
-        header = json.loads(zlib.decompress(hbytes).decode("utf-8"))
-        tensors = header["t"]
-        int(header["p"])
-        for e in tensors:
-            if e["k"] not in _KINDS:
-                raise ValueError(f"unknown tensor kind {e['k']!r}")
-    except (ValueError, KeyError, TypeError, zlib.error) as e:
+        dec = zlib.decompressobj()
+        text = dec.decompress(hbytes, MAX_HEADER_JSON_BYTES)
+        if dec.unconsumed_tail:
+            raise ValueError(f"the header expands to more than {MAX_HEADER_JSON_BYTES} bytes")
+        header = json.loads(text.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError(f"expected a JSON object, got {type(header).__name__}")
+        payload = _nonneg_int(header.get("p"), "'p' (payload size)")
+        if not isinstance(header.get("t"), list):
+            raise ValueError("'t' (the tensor table) must be a list")
+        for key in ("spec", "plan", "x"):
+            if header.get(key) is not None and not isinstance(header[key], dict):
+                raise ValueError(f"{key!r} must be an object or null, got "
+                                 f"{type(header[key]).__name__}")
+        float_elements = _check_table(header["t"], payload)
+    except (ValueError, KeyError, TypeError, zlib.error, UnicodeDecodeError) as e:
         raise PackedFormatError(f"{path}: malformed header ({e})") from e
     h = PackedHeader(path, version, header, poff)
     if size < h.file_bytes:
@@ -479,6 +519,136 @@ def read_header(path: PathLike) -> PackedHeader:
         raise PackedFormatError(
             f"{path}: unexpected trailing data: expected {h.file_bytes} bytes, found {size}"
         )
+    _check_spec(h, float_elements)
+    return h
+
+
+def _nonneg_int(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {v!r:.60}")
+    return v
+
+
+def _check_table(table: List[Any], payload_bytes: int) -> int:
+    """Validate the tensor table (see the module docstring) before anything is read or
+    allocated; return the number of elements of the float model's tensors (kinds p and r)."""
+    if len(table) > _MAX_TENSORS:
+        raise ValueError(f"{len(table)} tensor entries (at most {_MAX_TENSORS})")
+    names = set()
+    offset = 0
+    stored = constant = float_elements = 0
+    for i, e in enumerate(table):
+        if not isinstance(e, dict):
+            raise ValueError(f"tensor entry {i} is not an object")
+        name = e.get("n")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor entry {i} has no name")
+        if name in names:
+            raise ValueError(f"tensor {name!r} appears twice")
+        kind = e.get("k")
+        if kind not in _KINDS:
+            raise ValueError(f"tensor {name!r}: unknown tensor kind {kind!r}")
+        if kind == "a":
+            if e.get("a") not in names:
+                raise ValueError(f"alias {name!r} -> unknown or later tensor {e.get('a')!r}")
+            names.add(name)
+            continue
+        names.add(name)
+        shape = e.get("s")
+        if not isinstance(shape, list) or len(shape) > 8:
+            raise ValueError(f"tensor {name!r}: shape must be a list of at most 8 sizes")
+        numel = 1
+        for d in shape:
+            numel *= _nonneg_int(d, f"tensor {name!r}: shape entry")
+            if numel > MAX_ELEMENTS:
+                raise ValueError(f"tensor {name!r}: shape {shape} has more than {MAX_ELEMENTS} "
+                                 f"elements")
+        o = _nonneg_int(e.get("o"), f"tensor {name!r}: offset 'o'")
+        z = _nonneg_int(e.get("z"), f"tensor {name!r}: byte count 'z'")
+        c = _nonneg_int(e.get("c"), f"tensor {name!r}: checksum 'c'")
+        if c > 0xFFFFFFFF:
+            raise ValueError(f"tensor {name!r}: checksum {c} is not a crc32")
+        if o != offset or o + z > payload_bytes:
+            raise ValueError(f"tensor {name!r}: bytes {o}..{o + z} are not the next "
+                             f"{z} bytes of the {payload_bytes}-byte payload (expected offset "
+                             f"{offset})")
+        offset += z
+        if kind == "p":
+            bits = e.get("b")
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+                raise ValueError(f"tensor {name!r}: packed bits must be 1..8, got {bits!r}")
+            if e.get("d") != "uint8":
+                raise ValueError(f"tensor {name!r}: packed codes must be uint8, got {e.get('d')!r}")
+            need = packed_nbytes(numel, bits)
+            stored += numel
+        else:
+            dt = getattr(torch, str(e.get("d")), None)
+            if not isinstance(dt, torch.dtype):
+                raise ValueError(f"tensor {name!r}: unknown tensor dtype {e.get('d')!r}")
+            if e.get("f"):
+                need = _element_size(dt) if numel else 0
+                constant += numel
+            else:
+                need = numel * _element_size(dt)
+                stored += numel
+        if z != need:
+            raise ValueError(f"tensor {name!r}: shape {shape} of {e.get('d')}"
+                             f"{' at %s bits' % e.get('b') if kind == 'p' else ''}"
+                             f"{' (constant)' if e.get('f') else ''} needs {need} bytes, the "
+                             f"table says {z}")
+        if kind != "m":
+            float_elements += numel
+    if offset != payload_bytes:
+        raise ValueError(f"the tensors hold {offset} bytes, 'p' says {payload_bytes}")
+    if stored + constant > MAX_ELEMENTS:
+        raise ValueError(f"the tensors have {stored + constant} elements (at most {MAX_ELEMENTS})")
+    if constant > max(stored, _CONSTANT_SLACK):
+        raise ValueError(f"constant tensors expand to {constant} elements, more than the "
+                         f"{stored} stored ones")
+    return float_elements
+
+
+def _check_spec(h: "PackedHeader", float_elements: int) -> None:
+    """The header's model spec must be valid and imply no more parameters than the table
+    holds (checked from the spec alone, before any model is built)."""
+    if h.spec is None:
+        return
+    from k2quant.models import spec_num_parameters
+
+    try:
+        n = spec_num_parameters(h.spec)
+    except (ValueError, TypeError) as e:
+        raise PackedFormatError(f"{h.path}: invalid model spec in the header ({e})") from e
+    if n is not None and n > float_elements:
+        raise PackedFormatError(
+            f"{h.path}: the header's model spec ({h.spec.get('arch')!r}, {n:,} parameters) does "
+            f"not match its tensor table ({float_elements:,} elements): the file is corrupt or "
+            f"was altered"
+        )
+
+
+def verify_checksums(path: PathLike) -> PackedHeader:
+    """Read the payload of a packed file in order and check every tensor's crc32 (without
+    unpacking anything). Returns the header.
+
+    Raises:
+      PackedFormatError: as :func:`read_header`, or ``checksum mismatch`` naming the tensor.
+    """
+    h = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(h.payload_offset)
+        for e in h.tensors:
+            if e["k"] == "a":
+                continue
+            blob = f.read(e["z"])
+            if len(blob) != e["z"]:
+                raise PackedFormatError(f"{path}: truncated file (tensor {e['n']!r})")
+            if zlib.crc32(blob) & 0xFFFFFFFF != e["c"]:
+                o = h.payload_offset + e["o"]
+                raise PackedFormatError(
+                    f"{path}: checksum mismatch in tensor {e['n']!r} (bytes {o}.."
+                    f"{o + e['z'] - 1}): the file is corrupt"
+                )
     return h
 
 

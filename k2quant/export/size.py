@@ -24,14 +24,13 @@ A torch checkpoint (a state_dict or ``{"model": state_dict}``) is reported as st
 holds the pickle container and possibly optimizer state.
 """
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
 
-from k2quant.export.format import is_packed_file, read_header, _dtype_from_name, _element_size
-from k2quant.utils.io import PathLike
+from k2quant.export.format import is_packed_file, verify_checksums, _dtype_from_name, _element_size
+from k2quant.utils.io import PathLike, UnsafeFileError, load_torch
 
 __all__ = ["SizeRow", "SizeReport", "size_table", "theoretical_payload_bytes", "format_report",
            "model_params", "model_size_info"]
@@ -142,7 +141,7 @@ def _numel(shape) -> int:
 
 
 def _packed_report(path: PathLike) -> SizeReport:
-    h = read_header(path)
+    h = verify_checksums(path)
     rows = []
     for e in h.tensors:
         name, kind = e["n"], e["k"]
@@ -190,16 +189,14 @@ def _checkpoint_state_dict(obj, path) -> Dict[str, torch.Tensor]:
 
 def _checkpoint_report(path: PathLike, allow_pickle: bool) -> SizeReport:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:
-        if not allow_pickle and isinstance(e, pickle.UnpicklingError):
-            raise ValueError(
-                f"{path}: the checkpoint holds Python objects that torch.load(weights_only=True) "
-                f"refuses; if you trust the file, pass allow_pickle=True (--allow-pickle). ({e})"
-            ) from e
-        raise ValueError(
-            f"{path}: neither a k2quant packed file nor a readable torch checkpoint ({e})"
-        ) from e
+        obj = load_torch(path, "checkpoint", allow_pickle=allow_pickle)
+    except UnsafeFileError:
+        raise
+    except ValueError as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise ValueError(f"{path}: neither a k2quant packed file nor a readable torch "
+                         f"checkpoint ({first})") from e
     sd = _checkpoint_state_dict(obj, path)
     rows = []
     seen = {}
@@ -231,8 +228,10 @@ def size_table(path: PathLike, allow_pickle: bool = False) -> SizeReport:
     Args:
       path: a packed file (:func:`k2quant.export.save_packed`) or a torch checkpoint holding a
         state_dict / ``{"model": state_dict}``.
-      allow_pickle: load checkpoints with ``torch.load(weights_only=False)`` (only for trusted
-        files holding arbitrary Python objects).
+      allow_pickle: unpickle checkpoints that hold Python objects beyond tensors, numbers,
+        strings, lists and dicts (:func:`k2quant.utils.io.load_torch`; only for trusted files).
+
+    A packed file's checksums are verified (a corrupt file raises ``PackedFormatError``).
 
     Returns:
       A :class:`SizeReport`: ``.rows`` (one :class:`SizeRow` per tensor, ``.by_layer()`` per

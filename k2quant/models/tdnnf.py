@@ -249,6 +249,11 @@ def get_preset(name: str, feat_dim: int, num_classes: int, **overrides) -> TdnnF
     """
     if name not in PRESETS:
         raise ValueError(f"unknown TDNN-F preset {name!r}; known presets: {sorted(PRESETS)}")
+    known = {f.name for f in fields(TdnnFConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown TDNN-F config field(s) {unknown}; valid fields are "
+                         f"{sorted(known)}")
     return PRESETS[name](feat_dim=feat_dim, num_classes=num_classes, **overrides)
 
 
@@ -690,6 +695,12 @@ def refactor_bottleneck(model: TdnnF, layer: Union[str, int], new_dim: int) -> D
     dims[i] = new_dim
     model.config.bottleneck_dims = dims
     return {"layer": name, "old_dim": B, "new_dim": new_dim, "retained_energy": retained}
+
+
+def spec_num_parameters(config: Dict[str, Any]) -> int:
+    """Parameter-count registry entry (``k2quant.models.spec_num_parameters``): the parameters
+    of ``build_tdnnf(config)``, from the validated config alone."""
+    return count_parameters(TdnnFConfig.from_dict(config))
 
 
 def build_tdnnf(config: Union[Dict[str, Any], TdnnFConfig]) -> TdnnF:

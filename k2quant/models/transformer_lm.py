@@ -332,6 +332,16 @@ class TransformerLM(nn.Module):
         return out
 
 
+def spec_num_parameters(config: Dict[str, Any]) -> int:
+    """Parameter-count registry entry (``k2quant.models.spec_num_parameters``): the parameters
+    of ``build_transformer_lm(config)`` (tied embedding counted once), from the validated
+    config alone."""
+    c = TransformerLMConfig.from_dict(dict(config))
+    d, f = c.d_model, c.dim_feedforward
+    block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # attention, FF, 2 LayerNorms
+    return c.vocab_size * d + c.num_layers * block + 2 * d + c.vocab_size
+
+
 def build_transformer_lm(config: Dict[str, Any]) -> TransformerLM:
     """Registry builder (``k2quant.models.build_model({"arch": "transformer_lm", ...})``)."""
     return TransformerLM(TransformerLMConfig.from_dict(dict(config)))

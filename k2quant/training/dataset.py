@@ -41,8 +41,12 @@ PathLike = Union[str, Path]
 def load_cuts(path: PathLike, lazy: bool = True):
     """Open a lhotse CutSet manifest (``cuts_*.jsonl.gz``), lazily by default.
 
+    The first item is read to check that the file is a cut manifest (not, e.g., the
+    supervisions or recordings manifest of the same split).
+
     Raises:
       FileNotFoundError: naming the file and the stage that writes it.
+      ValueError: the file is not a readable lhotse manifest, or holds something else than cuts.
     """
     lhotse = optional_import("lhotse")
     path = Path(path)
@@ -51,9 +55,27 @@ def load_cuts(path: PathLike, lazy: bool = True):
             f"cut manifest {path} not found; it is written by the feature stage "
             f"('k2quant compute-fbank'). Run the recipe's earlier stages first."
         )
-    if lazy and str(path).endswith((".jsonl", ".jsonl.gz")):
-        return lhotse.CutSet.from_jsonl_lazy(path)
-    return lhotse.CutSet.from_file(path)
+    try:
+        if lazy and str(path).endswith((".jsonl", ".jsonl.gz")):
+            cuts = lhotse.CutSet.from_jsonl_lazy(path)
+        else:
+            cuts = lhotse.CutSet.from_file(path)
+        first = next(iter(cuts), None)
+    except (ValueError, KeyError, TypeError, AttributeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"cut manifest {path} is not a readable lhotse manifest "
+                         f"({type(e).__name__}: {msg})") from e
+    from lhotse.cut import Cut
+
+    if first is not None and not isinstance(first, Cut):
+        raise ValueError(
+            f"{path} holds {type(first).__name__} items, not cuts (a supervisions or "
+            f"recordings manifest?); pass a CutSet with features, e.g. "
+            f"data/fbank/cuts_<split>.jsonl.gz from 'k2quant compute-fbank'"
+        )
+    return cuts
 
 
 def total_duration(cuts) -> float:

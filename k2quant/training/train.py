@@ -266,6 +266,9 @@ def build_acoustic_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"--model-config {cfg.model_config!r} is not valid JSON: {e}") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"--model-config {cfg.model_config!r}: expected a JSON object "
+                             f"(a model spec or TDNN-F config fields), got {type(obj).__name__}")
         if "arch" in obj and "config" in obj:
             model = build_model(obj)
             out_dim = _spec_output_dim(model.model_spec())
